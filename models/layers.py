@@ -1,0 +1,191 @@
+"""Shared layers: parameters with logical axes, RMSNorm, RoPE, GQA attention with its KV cache, MLP.
+
+Every parameter carries ``logical_axes`` metadata (e.g. ``('embed', 'mlp')``); the mopd_jax
+sharding rules map those names to mesh axes per role. Activations get logical constraints via
+``constrain`` which is a no-op unless a rules context is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+
+Cache = dict  # {'k': [B, S, K, Hd], 'v': [B, S, K, Hd]} for one layer
+
+_ACTIVATION_RULES: list[Callable] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(constrain_fn: Callable):
+    """Within this context, ``constrain(x, axes)`` calls ``constrain_fn(x, axes)``.
+
+    The caller (mopd_jax.sharding) supplies a function that maps logical axis names to a
+    NamedSharding on its mesh; models stay mesh-agnostic.
+    """
+    _ACTIVATION_RULES.append(constrain_fn)
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.pop()
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint by logical axis names (no-op outside ``activation_sharding``)."""
+    return _ACTIVATION_RULES[-1](x, axes) if _ACTIVATION_RULES else x
+
+
+def dtype_of(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, *, init: str = "normal",
+          fan_in: int | None = None) -> nnx.Param:
+    """A parameter of ``shape`` with logical ``axes``; init 'normal' (scaled), 'ones' or 'zeros'."""
+    assert len(shape) == len(axes), (shape, axes)
+    dtype = dtype_of(cfg.param_dtype)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        std = 1.0 / math.sqrt(fan_in if fan_in else shape[0])
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled after casting back (Hugging Face's order)."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, axis_name: str = "norm"):
+        self.weight = param(None, (dim,), (axis_name,), cfg, init="ones")
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split (rotate_half) convention, angles in float32."""
+    hd = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    ang = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+    cos = jnp.cos(ang)[:, :, None, :].astype(x_BTNH.dtype)
+    sin = jnp.sin(ang)[:, :, None, :].astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with QK-norm, optional sliding window and sink; owns the KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+        D, H, K, Hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = param(rngs, (D, H, Hd), ("embed", "q_heads", "head_dim"), cfg, fan_in=D)
+        self.k_proj = param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), cfg, fan_in=D)
+        self.v_proj = param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), cfg, fan_in=D)
+        self.o_proj = param(rngs, (H, Hd, D), ("q_heads", "head_dim", "embed"), cfg,
+                            fan_in=H * Hd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Hd, cfg, "head_dim")
+            self.k_norm = RMSNorm(Hd, cfg, "head_dim")
+        self.sinks = (param(None, (H,), ("q_heads",), cfg, init="zeros")
+                      if cfg.attention_sink else None)
+        self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else None
+
+    # The one KV-cache definition, used by prefill and decode alike.
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+        """Zeroed cache for ``batch`` rows of ``max_len`` positions; position p lives at index p."""
+        dtype = dtype or dtype_of(cfg.dtype)
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x_BTD, positions_BT, cache: Cache | None = None,
+                 kv_valid_BS: jax.Array | None = None):
+        """Attend causally by position. With ``cache``, write this chunk's K/V at its positions
+        (rows start at ``positions_BT[:, 0]``) and attend over the whole cache.
+
+        ``kv_valid_BS`` (no cache only) marks real keys; causality alone already hides right
+        padding from real queries.
+        """
+        cfg = self.cfg
+        dt = x_BTD.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dnh->btnh", x_BTD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dnh->btnh", x_BTD, self.v_proj[...].astype(dt))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions_BT, cfg.rope_theta)
+        k = rope(k, positions_BT, cfg.rope_theta)
+        q = constrain(q, ("batch", "length", "q_heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+
+        if cache is None:
+            keys, values, k_pos_BS = k, v, positions_BT
+            new_cache = None
+        else:
+            start_B = positions_BT[:, 0]
+            write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 0))
+            keys = write(cache["k"], k.astype(cache["k"].dtype), start_B)
+            values = write(cache["v"], v.astype(cache["v"].dtype), start_B)
+            new_cache = {"k": keys, "v": values}
+            S = keys.shape[1]
+            k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype),
+                                        (x_BTD.shape[0], S))
+            keys, values = keys.astype(dt), values.astype(dt)
+
+        q_pos = positions_BT[:, :, None]
+        k_pos = k_pos_BS[:, None, :]
+        mask_BTS = k_pos <= q_pos
+        if self.window is not None:
+            mask_BTS &= k_pos > q_pos - self.window
+        if kv_valid_BS is not None and cache is None:
+            mask_BTS &= kv_valid_BS[:, None, :]
+        out = self._attend(q, keys, values, mask_BTS)
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        return constrain(y, ("batch", "length", "embed")), new_cache
+
+    def _attend(self, q_BTHd, k_BSKd, v_BSKd, mask_BTS):
+        cfg = self.cfg
+        B, T, H, Hd = q_BTHd.shape
+        K = cfg.num_kv_heads
+        q = q_BTHd.reshape(B, T, K, H // K, Hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKd,
+                            preferred_element_type=jnp.float32) / math.sqrt(Hd)
+        scores = jnp.where(mask_BTS[:, None, None], scores, -jnp.inf)
+        if self.sinks is not None:
+            sink = self.sinks[...].astype(jnp.float32).reshape(1, K, H // K, 1, 1)
+            m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+            e = jnp.exp(scores - m)
+            probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
+        else:
+            probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKd.dtype), v_BSKd)
+        return out.reshape(B, T, H, Hd)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
+        D, F = cfg.hidden_size, width or cfg.intermediate_size
+        self.gate_proj = param(rngs, (D, F), ("embed", "mlp"), cfg)
+        self.up_proj = param(rngs, (D, F), ("embed", "mlp"), cfg)
+        self.down_proj = param(rngs, (F, D), ("mlp", "embed"), cfg)
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        g = x_BTD @ self.gate_proj[...].astype(dt)
+        u = x_BTD @ self.up_proj[...].astype(dt)
+        h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+        return h @ self.down_proj[...].astype(dt)
