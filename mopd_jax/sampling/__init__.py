@@ -9,7 +9,8 @@ optional ``jetstream`` extra.
 """
 
 from mopd_jax.sampling.engine import DecodeState, Engine, EngineError, Prefix, ResultTokens
+from mopd_jax.sampling.rollout import Prompt, RolloutBatch, rollout
 from mopd_jax.sampling.sampler import GREEDY, SamplingParams, sample_logits
 
 __all__ = ["DecodeState", "Engine", "EngineError", "Prefix", "ResultTokens", "GREEDY",
-           "SamplingParams", "sample_logits"]
+           "Prompt", "RolloutBatch", "rollout", "SamplingParams", "sample_logits"]
