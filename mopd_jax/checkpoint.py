@@ -1,0 +1,82 @@
+"""Orbax checkpoints of model params, restorable onto any mesh and role layout.
+
+A model checkpoint directory holds ``model.json`` (the resolved ModelConfig) and ``params/``
+(an Orbax PyTree checkpoint of the pure param dict). Restoring builds the abstract state with
+the target shardings first, so each device reads only its own shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.qwen3 import Transformer
+from mopd_jax import sharding as shd
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, partial or corrupt."""
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract State) of the model without allocating parameters."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
+def abstract_with_shardings(abs_state, mesh, role: str):
+    """Pure dict of ShapeDtypeStructs carrying the target NamedShardings."""
+    shardings = nnx.to_pure_dict(shd.param_shardings(abs_state, mesh, role))
+    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                        nnx.to_pure_dict(abs_state), shardings)
+
+
+def save_model(directory: str | Path, state, cfg: ModelConfig) -> Path:
+    """Write ``model.json`` and an Orbax ``params/`` checkpoint; returns the directory."""
+    out = Path(directory).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(out / "params", nnx.to_pure_dict(state), force=True)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        (out / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return out
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "model.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {directory} is not a mopd model checkpoint "
+                              "(expected model.json and params/; use --hf for Hugging Face "
+                              "directories)")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt ({e}); re-create it with `mopd convert`")
+    for k in ("layer_types", "mlp_only_layers"):
+        if d.get(k) is not None:
+            d[k] = tuple(d[k])
+    return ModelConfig(**d)
+
+
+def load_model_params(directory: str | Path, mesh, role: str = "train"):
+    """(cfg, graphdef, state) restored from ``directory`` onto ``mesh`` in ``role``'s layout."""
+    directory = Path(directory).absolute()
+    cfg = read_model_config(directory)
+    graphdef, abs_state = abstract_model(cfg)
+    target = abstract_with_shardings(abs_state, mesh, role)
+    if not (directory / "params").is_dir():
+        raise CheckpointError(f"{directory / 'params'}: missing; the checkpoint is partial")
+    try:
+        restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+    except Exception as e:  # orbax raises many types for partial/corrupt data
+        raise CheckpointError(f"{directory / 'params'}: cannot restore ({type(e).__name__}: "
+                              f"{str(e)[:200]}); the checkpoint is corrupt or from another "
+                              "model") from None
+    nnx.replace_by_pure_dict(abs_state, restored)
+    return cfg, graphdef, abs_state

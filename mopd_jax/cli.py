@@ -1,0 +1,159 @@
+"""``mopd <verb>``: the one command-line entry point. Each verb parses flags and calls the
+library; user errors print one line naming the flag or file and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+USAGE_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors():
+    from models.config import ModelConfigError
+    from models.hf import HFCheckpointError
+    from mopd_jax.checkpoint import CheckpointError
+    from mopd_jax.config import ConfigError
+    from mopd_jax.sharding import MeshError
+    return (ConfigError, ModelConfigError, HFCheckpointError, CheckpointError, MeshError,
+            FileNotFoundError, UsageError)
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _add_model_source(p, required=True):
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--hf", metavar="DIR", help="local Hugging Face model directory")
+    g.add_argument("--checkpoint", metavar="DIR", help="mopd (Orbax) model checkpoint")
+    g.add_argument("--preset", help=argparse.SUPPRESS)  # random init, for tests and benches
+
+
+def parse_tokens(text: str, vocab_size: int, flag: str = "--tokens") -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integer token ids, "
+                         "e.g. --tokens 1,2,3") from None
+    if not ids:
+        raise UsageError(f"{flag}: empty; give at least one token id")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UsageError(f"{flag}: ids {bad[:5]} are outside the model's vocabulary "
+                         f"[0, {vocab_size})")
+    return ids
+
+
+# --------------------------------------------------------------------------- score
+def _score(args):
+    import jax.numpy as jnp
+    from mopd_jax.loading import load_model
+    from mopd_jax.steps import token_logprobs_step
+
+    loaded = load_model(hf=args.hf, checkpoint=args.checkpoint, preset=args.preset,
+                        role="teacher")
+    ids = parse_tokens(args.tokens, loaded.cfg.vocab_size)
+    if len(ids) < 2:
+        raise UsageError("--tokens: need at least two tokens to score x_t given x_<t")
+    lp = token_logprobs_step(loaded.graphdef, loaded.params, jnp.asarray([ids], jnp.int32))
+    lp = [float(x) for x in lp[0]]
+    if args.json:
+        print(json.dumps({"tokens": ids, "logprobs": [None] + lp}))
+    else:
+        print(f"{'t':>4} {'token':>8} {'log p(x_t|x_<t)':>18}")
+        print(f"{0:>4} {ids[0]:>8} {'-':>18}")
+        for t, (tok, v) in enumerate(zip(ids[1:], lp), start=1):
+            print(f"{t:>4} {tok:>8} {v:>18.6f}")
+        print(f"sum {sum(lp):.6f}  mean {sum(lp) / len(lp):.6f}")
+
+
+# --------------------------------------------------------------------------- convert
+def _convert(args):
+    from pathlib import Path
+
+    from models.hf import save_hf
+    from mopd_jax.checkpoint import save_model
+    from mopd_jax.loading import load_model
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"SRC {src}: not a directory")
+    if (src / "model.json").is_file():
+        loaded = load_model(checkpoint=str(src))
+    elif (src / "config.json").is_file():
+        loaded = load_model(hf=str(src))
+    else:
+        raise UsageError(f"SRC {src}: neither a mopd checkpoint (model.json) nor a Hugging Face "
+                         "directory (config.json)")
+    dst = Path(args.dst)
+    if args.to == "hf":
+        save_hf(loaded.params, loaded.cfg, dst)
+    else:
+        save_model(dst, loaded.params, loaded.cfg)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "char_tokenizer.json", "generation_config.json"):
+        if (src / name).is_file() and not (dst / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
+    print(f"wrote {args.to} checkpoint of {loaded.cfg.name} "
+          f"({loaded.cfg.num_params() / 1e6:.2f}M params) to {dst}")
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("score", help="per-token log-probs log p(x_t | x_<t) of a sequence",
+                       description="Print log p(x_t | x_<t) for t >= 1 under a model.")
+    _add_model_source(p)
+    p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--json", action="store_true",
+                   help='print {"tokens": [...], "logprobs": [null, ...]}')
+    p.set_defaults(run=_score)
+
+    p = sub.add_parser("convert", help="convert between Hugging Face and Orbax checkpoints",
+                       description="Convert SRC (HF dir or mopd checkpoint) to DST.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--to", choices=["hf", "orbax"], required=True, help="output format")
+    p.set_defaults(run=_convert)
+
+    try:
+        from mopd_jax.sampling.cli import add_generate_parser
+        add_generate_parser(sub)
+    except ImportError:
+        pass
+
+    p = sub.add_parser("bench", help="benchmarks (ratios against a reference in the same run)",
+                       description="Benchmarks; each prints ratios against a reference "
+                                   "measured in the same run.")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from mopd_jax.bench import moe
+    moe.add_parser(bsub)
+    for mod in ("sample", "loss", "step"):
+        try:
+            __import__(f"mopd_jax.bench.{mod}", fromlist=["add_parser"]).add_parser(bsub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = _user_errors()
+    try:
+        args.run(args)
+    except errors as e:
+        print(f"mopd {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
