@@ -292,3 +292,33 @@ def test_engine_api_shapes_and_errors(tiny, engine):
         engine.pad_tokens(list(range(40)))
     with pytest.raises(EngineError, match="slots"):
         engine.bulk_insert(prefix, state, [0])
+
+
+def test_generate_cli_json(tiny, capsys):
+    import argparse
+    import json
+
+    from mopd_jax.config import ConfigError
+    from mopd_jax.sampling.cli import add_generate_parser
+    model, _, _ = tiny
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["generate", "--preset", "tiny", "--tokens", "3,1,4,1,5",
+                              "--greedy", "--max-new-tokens", "6", "--n", "2", "--json"])
+    args.run(args)
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["samples"]) == 2 and out["prompt_tokens"] == [3, 1, 4, 1, 5]
+    seq = out["prompt_tokens"] + out["samples"][0]["tokens"]
+    logits = _full_logits(model, [seq])[0]
+    np.testing.assert_array_equal(out["samples"][0]["tokens"],
+                                  np.asarray(jnp.argmax(logits, -1))[4:-1])
+    np.testing.assert_allclose(out["samples"][0]["logprobs"], np.asarray(
+        jax.nn.log_softmax(logits, -1))[np.arange(4, 10), seq[5:]], atol=ATOL_LOGP)
+    assert out["samples"][1]["tokens"] == out["samples"][0]["tokens"]
+    bad = parser.parse_args(["generate", "--preset", "tiny", "--tokens", "1", "--greedy",
+                             "--temperature", "0.5"])
+    with pytest.raises(ConfigError, match="--greedy"):
+        bad.run(bad)
+    bad = parser.parse_args(["generate", "--preset", "tiny", "--tokens", "1,x"])
+    with pytest.raises(ConfigError, match="--tokens"):
+        bad.run(bad)
