@@ -6,10 +6,12 @@ that shares the student's graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mopd_jax.chunked import chunked_token_logprobs
@@ -25,3 +27,144 @@ def token_logprobs_step(graphdef, params, tokens_BT, *, temperature: float = 1.0
     return chunked_token_logprobs(hidden[:, :-1], model.lm_head_weight(), tokens_BT[:, 1:],
                                   temperature=temperature, vocab_chunk=vocab_chunk,
                                   seq_chunk=seq_chunk)
+
+
+# ----------------------------------------------------------------------------- scoring
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg"))
+def score_step(graphdef, params, tokens_BT, *, loss_cfg):
+    """What ``loss_cfg.estimator`` needs from a teacher for ``tokens_BT`` (shifted: position t
+    scores token t+1). One compiled function for every teacher: params are arguments."""
+    from mopd_jax.losses import score_teacher
+
+    model = nnx.merge(graphdef, params)
+    hidden, _, _ = model(tokens_BT[:, :-1])
+    return score_teacher(loss_cfg, hidden, model.lm_head_weight(), tokens_BT[:, 1:])
+
+
+# ----------------------------------------------------------------------------- training
+def make_optimizer(ocfg) -> optax.GradientTransformation:
+    """AdamW, linear warmup then cosine decay, global-norm clipping (``OptimizerConfig``)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if ocfg.warmup_steps else ocfg.lr, peak_value=ocfg.lr,
+        warmup_steps=ocfg.warmup_steps, decay_steps=max(ocfg.total_steps, ocfg.warmup_steps + 1),
+        end_value=ocfg.lr * ocfg.min_lr_ratio)
+    parts = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                             weight_decay=ocfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def init_train_state(params, optimizer, mesh=None) -> dict:
+    """{'params', 'opt_state', 'step', 'skipped'}; optimizer moments inherit the param
+    shardings, and scalars (counts) are replicated over ``mesh`` when one is given."""
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params),
+             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+    if mesh is None:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
+                        else jax.device_put(x, replicated), state)
+
+
+def distill_objective(loss_cfg, aux_coef: float = 0.0):
+    """Loss of the student on its rollouts against precomputed teacher scores.
+
+    batch: tokens [B, T], mask [B, T] (1 on response tokens), domain [B], sampler_logp [B, T]
+    (log-prob the sampler gave tokens[t]; optional), teacher (TeacherScores for targets
+    tokens[:, 1:]), orm_adv [B] and reward [B] (optional).
+    """
+    from mopd_jax.losses import DistillBatch, distill_loss
+
+    def objective(model, batch):
+        tokens = batch["tokens"]
+        hidden, _, aux = model(tokens[:, :-1])
+        sampler = batch.get("sampler_logp")
+        db = DistillBatch(tokens_BT=tokens[:, 1:], mask_BT=batch["mask"][:, 1:],
+                          domain_ids_B=batch["domain"],
+                          sampler_logp_BT=None if sampler is None else sampler[:, 1:],
+                          orm_advantage_B=batch.get("orm_adv"), reward_B=batch.get("reward"))
+        loss, metrics = distill_loss(loss_cfg, hidden, model.lm_head_weight(), batch["teacher"],
+                                     db)
+        return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
+    return objective
+
+
+def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0):
+    """Cross-entropy on tokens where mask == 1 (batch: tokens, mask, optional domain)."""
+    from mopd_jax.losses import sft_loss
+
+    def objective(model, batch):
+        tokens = batch["tokens"]
+        hidden, _, aux = model(tokens[:, :-1])
+        loss, metrics = sft_loss(hidden, model.lm_head_weight(), tokens[:, 1:],
+                                 batch["mask"][:, 1:], batch.get("domain"),
+                                 vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+        return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
+    return objective
+
+
+def _split_microbatches(batch, k: int):
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"optimizer.microbatches={k} must divide the batch size "
+                             f"{x.shape[0]}")
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
+                    state_shardings=None, batch_shardings=None, mesh=None, role="train"):
+    """``train_step(state, batch) -> (state, metrics)``, jitted once, state donated.
+
+    Gradients are accumulated over ``microbatches`` sequential slices of the batch (their mean,
+    so with per-sequence-mean losses it equals one big batch). A step whose loss or gradients
+    are not finite leaves params and optimizer state untouched and increments ``skipped``.
+    """
+    from mopd_jax.sharding import use_rules
+
+    def loss_fn(params, batch):
+        ctx = use_rules(mesh, role) if mesh is not None else contextlib.nullcontext()
+        with ctx:
+            return objective(nnx.merge(graphdef, params), batch)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        if microbatches == 1:
+            (loss, metrics), grads = grad_fn(params, batch)
+        else:
+            def body(acc, mb):
+                (l, m), g = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, acc, (l, m, g)), None
+            mbs = _split_microbatches(batch, microbatches)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+            zeros = ((zeros[0][0], zeros[0][1], zeros[1]))
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
+            loss, metrics, grads = jax.tree.map(lambda x: x / microbatches,
+                                                (loss, metrics, grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"params": keep(new_params, params),
+                     "opt_state": keep(new_opt, state["opt_state"]),
+                     "step": state["step"] + 1,
+                     "skipped": state["skipped"] + (1 - finite.astype(jnp.int32))}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+                   "skipped_steps": new_state["skipped"], "finite": finite}
+        return new_state, metrics
+
+    kw = {}
+    if state_shardings is not None:
+        kw["in_shardings"] = (state_shardings, batch_shardings)
+        kw["out_shardings"] = (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), **kw)
+
+
+def state_shardings_of(state):
+    """The shardings a live train state already has (for explicit jit in/out shardings)."""
+    return jax.tree.map(lambda x: x.sharding, state)

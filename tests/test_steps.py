@@ -1,0 +1,126 @@
+"""The jitted train and score steps: mesh equivalence, NaN skipping, gradient accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.config import preset
+from models.qwen3 import Transformer
+from mopd_jax.config import OptimizerConfig
+from mopd_jax.losses import DistillLossConfig
+from mopd_jax.sharding import batch_sharding, init_sharded, make_mesh
+from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
+                            score_step, sft_objective, state_shardings_of, token_logprobs_step)
+
+CFG = preset("tiny-moe", num_layers=2)
+B, T = 8, 12
+
+
+def _batch(loss_cfg, teacher_params, graphdef, seed=0):
+    rng = np.random.RandomState(seed)
+    tokens = jnp.asarray(rng.randint(3, CFG.vocab_size, (B, T)), jnp.int32)
+    lengths = rng.randint(4, T - 4, B)
+    mask = (np.arange(T)[None] >= 4) & (np.arange(T)[None] < 4 + lengths[:, None])
+    return {"tokens": tokens, "mask": jnp.asarray(mask, jnp.float32),
+            "domain": jnp.asarray(rng.randint(0, 2, B), jnp.int32),
+            "teacher": score_step(graphdef, teacher_params, tokens, loss_cfg=loss_cfg)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    graphdef, student = nnx.split(Transformer(CFG, nnx.Rngs(0)))
+    _, teacher = nnx.split(Transformer(CFG, nnx.Rngs(1)))
+    return graphdef, student, teacher
+
+
+def _run(graphdef, params, batch, loss_cfg, microbatches=1, mesh=None, steps=2):
+    # Adam with eps well above fp32 gradient round-off: otherwise near-zero gradients map
+    # round-off to full-size +-lr updates and no two summation orders could agree.
+    opt = make_optimizer(OptimizerConfig(lr=1e-2, eps=1e-3, microbatches=microbatches))
+    state = init_train_state(jax.tree.map(jnp.copy, params), opt, mesh)
+    kw = {}
+    if mesh is not None:
+        kw = dict(mesh=mesh, state_shardings=state_shardings_of(state),
+                  batch_shardings=jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch))
+    step = make_train_step(graphdef, opt, distill_objective(loss_cfg), microbatches=microbatches,
+                           **kw)
+    metrics = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        metrics.append(m)
+    return state, metrics
+
+
+def test_single_device_equals_8_device_mesh(setup):
+    graphdef, student, teacher = setup
+    loss_cfg = DistillLossConfig(estimator="C", num_domains=2, vocab_chunk=48, seq_chunk=40)
+    batch = _batch(loss_cfg, teacher, graphdef)
+    ref_state, ref_m = _run(graphdef, student, batch, loss_cfg)
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
+    g2, sharded = init_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh, "train")
+    state, m = _run(g2, sharded, batch, loss_cfg, mesh=mesh)
+    for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_allclose(ref_m[-1]["loss"], m[-1]["loss"], rtol=1e-5)
+    assert float(m[1]["loss"]) < float(m[0]["loss"])  # the student moves toward the teacher
+
+
+def test_nan_gradient_is_skipped(setup):
+    graphdef, student, teacher = setup
+    loss_cfg = DistillLossConfig(estimator="A", num_domains=2)
+    batch = _batch(loss_cfg, teacher, graphdef)
+    bad = dict(batch, teacher=batch["teacher"]._replace(
+        logp_BT=batch["teacher"].logp_BT.at[0, 5].set(jnp.nan)))
+    opt = make_optimizer(OptimizerConfig(lr=1e-2))
+    state = init_train_state(jax.tree.map(jnp.copy, student), opt)
+    before = jax.tree.map(np.asarray, state)
+    step = make_train_step(graphdef, opt, distill_objective(loss_cfg))
+    state, m = step(state, bad)
+    assert int(state["skipped"]) == 1 and not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+                    jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    state, m = step(state, batch)
+    assert int(state["skipped"]) == 1 and bool(m["finite"])
+
+
+@pytest.mark.parametrize("estimator", ["A", "B"])
+def test_microbatch_accumulation_equals_one_batch(setup, estimator):
+    graphdef, student, teacher = setup
+    loss_cfg = DistillLossConfig(estimator=estimator, num_domains=2, topk=8)
+    batch = _batch(loss_cfg, teacher, graphdef)
+    one, m1 = _run(graphdef, student, batch, loss_cfg, steps=1)
+    four, m4 = _run(graphdef, student, batch, loss_cfg, microbatches=4, steps=1)
+    np.testing.assert_allclose(m1[0]["loss"], m4[0]["loss"], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_score_step_serves_any_params_and_matches_token_logprobs(setup):
+    graphdef, student, teacher = setup
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 128, (2, 9)), jnp.int32)
+    cfg = DistillLossConfig(estimator="B", topk=5, vocab_chunk=48)
+    compiled_before = score_step._cache_size()
+    for params in (student, teacher):
+        s = score_step(graphdef, params, tokens, loss_cfg=cfg)
+        np.testing.assert_allclose(s.logp_BT, token_logprobs_step(graphdef, params, tokens),
+                                   atol=1e-5)
+        assert s.topk_ids_BTK.shape == (2, 8, 5)
+        assert bool(jnp.all(s.topk_logp_BTK[..., 0] >= s.logp_BT))
+    assert score_step._cache_size() == compiled_before + 1  # one compile serves both models
+
+
+def test_sft_step_lowers_nll(setup):
+    graphdef, student, _ = setup
+    opt = make_optimizer(OptimizerConfig(lr=1e-2))
+    state = init_train_state(jax.tree.map(jnp.copy, student), opt)
+    step = make_train_step(graphdef, opt, sft_objective(vocab_chunk=48))
+    tokens = jnp.tile(jnp.arange(3, 3 + T, dtype=jnp.int32)[None], (B, 1))
+    batch = {"tokens": tokens, "mask": jnp.ones((B, T), jnp.float32)}
+    losses = []
+    for _ in range(5):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0]
