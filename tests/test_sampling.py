@@ -57,17 +57,30 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_greedy_equals_full_forward_argmax_every_step(tiny, engine):
-    model, _, params = tiny
+@pytest.mark.parametrize("variant", ["tiny", "tiny-tied", "tiny-moe"])
+def test_greedy_equals_full_forward_argmax_every_step(tiny, engine, variant):
+    if variant == "tiny":
+        model, _, params = tiny
+    else:
+        cfg = preset("tiny", tie_word_embeddings=True) if variant == "tiny-tied" else preset(
+            "tiny-moe")
+        model = Transformer(cfg, nnx.Rngs(1))
+        graphdef, params = nnx.split(model)
+        engine = Engine(graphdef, params, max_concurrent_decodes=4, max_prefill_length=32,
+                        max_target_length=64)
     batch = rollout(engine, params, _prompts([5, 17, 9, 3, 30]), sampling=dataclasses.replace(
         GREEDY, max_new_tokens=12))
     logits = _full_logits(model, batch.tokens)
     argmax = np.asarray(jnp.argmax(logits, axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     for r in range(len(batch)):
         p, n = batch.prompt_lengths[r], batch.response_lengths[r]
         assert n == 12 and batch.finish_reason[r] == "length"
         # token t is the argmax of the logits at t - 1, for every generated t
         np.testing.assert_array_equal(batch.tokens[r, p:p + n], argmax[r, p - 1:p + n - 1])
+        np.testing.assert_allclose(batch.logprobs[r, p:p + n],
+                                   logp[r, np.arange(p - 1, p + n - 1), batch.tokens[r, p:p + n]],
+                                   atol=ATOL_LOGP)
 
 
 def test_greedy_equals_transformers_generate(tiny):

@@ -98,6 +98,15 @@ class DecodeState:
     stop_tokens: jax.Array  # [S, max_stop]
 
 
+def _logits(model, hidden_BTD):
+    """``model.logits``, but a tied head contracts the [V, D] embedding directly: through
+    ``lm_head_weight()`` (a transposed view) XLA:CPU may copy the whole table every step."""
+    if not model.cfg.tie_word_embeddings:
+        return model.logits(hidden_BTD)
+    return jnp.einsum("btd,vd->btv", hidden_BTD, model.embed[...].astype(hidden_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 class EngineError(ValueError):
     """A request does not fit the engine (too long, too many samples, bad slots)."""
 
@@ -287,7 +296,7 @@ class Engine:
             hidden, cache, _ = model(tokens_T[None], positions,
                                      cache=model.init_cache(1, T))
             h_last = jax.lax.dynamic_slice_in_dim(hidden, true_length - 1, 1, axis=1)
-            logits_V = model.logits(h_last)[0, 0]
+            logits_V = _logits(model, h_last)[0, 0]
         request_key = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(request_key, i))(jnp.arange(n))
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, true_length))(keys)
@@ -333,7 +342,7 @@ class Engine:
             model = nnx.merge(self.graphdef, params)
             hidden, cache, _ = model(state.tokens[:, None], state.pos[:, None],
                                      cache=state.cache)
-            logits_SV = model.logits(hidden)[:, 0]
+            logits_SV = _logits(model, hidden)[:, 0]
         step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.pos + 1)
         tokens, logp = sample_logits(logits_SV, step_keys, state.temperature, state.top_k,
                                      state.top_p)
