@@ -1,0 +1,443 @@
+"""Log-softmax reductions over the vocabulary that never build a [tokens, V] array.
+
+Every quantity the losses need (log-probs at given ids, entropy, reverse/forward KL, JSD, the
+top-k distillation term) is a per-token sum over vocabulary columns of a function of the
+log-probs. `vocab_reduce` computes such sums tile by tile: the flattened tokens are cut into
+chunks of `seq_chunk` rows, the vocabulary into chunks of `vocab_chunk` columns, and only one
+[n, c] tile of logits (fp32, whatever the input dtype) is alive at a time. Its custom VJP
+recomputes the tiles in the backward pass, so the gradient w.r.t. hidden states and `lm_head`
+stores no [N, V] array either.
+
+Chunks are strided, not contiguous: row chunk i holds tokens i, i + S, i + 2S, ... (S chunks)
+and column chunk j holds vocabulary ids j, j + C, j + 2C, ... That is a reshape [N] -> [n, S]
+followed by indexing the unsharded S axis, so when tokens are sharded over data-parallel devices
+or `lm_head` columns over tensor-parallel ones, every tile is spread evenly over the devices
+instead of living on one of them. Sizes that the chunks do not divide are padded (zero hidden
+rows, zero `lm_head` columns whose logits are masked to -1e30); pick chunks that divide N and V
+to avoid the pad copies.
+
+Glossary of shape suffixes: B batch, T time, N = B*T flattened tokens, D model dim, V vocab,
+K top-k count, M teachers; n is the rows of one token chunk, S the number of token chunks,
+c the columns of one vocabulary chunk, C the number of vocabulary chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# A finite -inf: exp() underflows to exactly 0 and 0 * (a - b) stays 0 instead of NaN.
+PAD_LOGIT = -1e30
+
+
+class Tile(NamedTuple):
+    """One (token chunk, vocabulary chunk) tile as a reduction sees it."""
+
+    logp_nc: jax.Array  # student log-probs; about PAD_LOGIT on padded columns
+    teacher_logp_nc: jax.Array | None  # teacher log-probs, or None without a teacher
+    ids_c: jax.Array  # vocabulary id of each column: ids_c[0] + stride * arange(c)
+    valid_c: jax.Array  # False on padding past V
+    stride: int  # C, the id step between neighbouring columns
+
+
+# fn(tile, aux_n) -> tuple of [n, ...] arrays, each a sum over the tile's columns.
+ReduceFn = Callable[[Tile, Any], tuple]
+
+
+def _chunking(size: int, chunk: int) -> tuple[int, int]:
+    """(per-chunk size, number of chunks) with the chunk no larger than the array."""
+    chunk = min(chunk, size)
+    count = -(-size // chunk)
+    return -(-size // count), count
+
+
+def _split_rows(tree, n, S):
+    """[N, ...] -> [n, S, ...]: chunk i is [:, i], rows i, i + S, ...; zero-padded to n*S."""
+
+    def split(x):
+        x = jnp.pad(x, [(0, n * S - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((n, S) + x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def _merge_rows(tree, N):
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:N], tree)
+
+
+def _split_cols(w, c, C):
+    """[..., V] -> [..., c, C]: chunk j is [..., j], ids j, j + C, ...; zero-padded to c*C."""
+    w = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, c * C - w.shape[-1])])
+    return w.reshape(w.shape[:-1] + (c, C))
+
+
+def _take(tree, i):
+    """Row chunk i of [n, S, ...] arrays."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), tree)
+
+
+def _put(tree, part, i):
+    return jax.tree.map(lambda x, p: jax.lax.dynamic_update_index_in_dim(x, p, i, 1), tree, part)
+
+
+def _logits(h_nD, w_cC, j, V, inv_temp, which_n=None):
+    """fp32 logits of column chunk j; w is [D, c, C], or [M, D, c, C] with row n using which_n[n].
+
+    Returns (logits_nc, ids_c, valid_c, w_c) with padded columns at PAD_LOGIT.
+    """
+    c, C = w_cC.shape[-2:]
+    w_c = jax.lax.dynamic_index_in_dim(w_cC, j, w_cC.ndim - 1, keepdims=False)
+    ids_c = jnp.arange(c) * C + j
+    valid_c = ids_c < V
+    if w_c.ndim == 2:
+        z_nc = jnp.dot(h_nD, w_c, preferred_element_type=jnp.float32)
+    else:  # a few stacked lm_heads (one per teacher): score every row with each, keep its own
+        z_Mnc = jnp.einsum("nd,mdc->mnc", h_nD, w_c, preferred_element_type=jnp.float32)
+        z_nc = jnp.take_along_axis(z_Mnc, which_n[None, :, None], axis=0)[0]
+    return jnp.where(valid_c, z_nc * inv_temp, PAD_LOGIT), ids_c, valid_c, w_c
+
+
+def _logsumexp_rows(h_nD, w_cC, V, inv_temp, which_n=None):
+    """Online (running max, rescaled sum) logsumexp over the vocabulary chunks."""
+
+    def body(j, carry):
+        m_n, s_n = carry
+        l_nc = _logits(h_nD, w_cC, j, V, inv_temp, which_n)[0]
+        m_new = jnp.maximum(m_n, l_nc.max(-1))
+        s_n = s_n * jnp.exp(m_n - m_new) + jnp.exp(l_nc - m_new[:, None]).sum(-1)
+        return m_new, s_n
+
+    n = h_nD.shape[0]
+    init = (jnp.full((n,), PAD_LOGIT, jnp.float32), jnp.zeros((n,), jnp.float32))
+    m_n, s_n = jax.lax.fori_loop(0, w_cC.shape[-1], body, init)
+    return m_n + jnp.log(s_n)
+
+
+def vocab_reduce(
+    fn: ReduceFn,
+    h_ND: jax.Array,
+    w_DV: jax.Array,
+    aux: Any = None,
+    teacher: tuple | None = None,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    vocab_chunk: int = 8192,
+    seq_chunk: int = 1024,
+) -> tuple[jax.Array, tuple]:
+    """Per-token (student logsumexp_N, sums over the vocabulary of fn's outputs), chunked.
+
+    Logits are `h @ w / temperature`. `aux` is a pytree of per-token arrays [N, ...] handed to fn
+    chunk by chunk (ids, teacher top-k, ...). `teacher` is (h_ND, w_DV) of a model with the same
+    vocabulary, or (h_ND, w_MDV, which_N) with M stacked lm_heads and row n scored by teacher
+    which_N[n] (M teacher matmuls per tile, one student matmul). Gradients flow to the student's
+    h_ND and w_DV only: the teacher and aux are constants (stop-gradient). fn must be additive over
+    columns, so its per-chunk partial sums add up to the full-vocabulary value.
+    """
+    N, V = h_ND.shape[0], w_DV.shape[1]
+    if h_ND.shape[1] != w_DV.shape[0]:
+        raise ValueError(f"hidden dim {h_ND.shape[1]} != lm_head rows {w_DV.shape[0]}")
+    if teacher is not None:
+        teacher = tuple(teacher) + (None,) * (3 - len(teacher))
+        if teacher[1].shape[-1] != V:
+            raise ValueError(f"teacher vocab {teacher[1].shape[-1]} != student vocab {V}")
+        if (teacher[1].ndim == 3) != (teacher[2] is not None):
+            raise ValueError("stacked teacher lm_heads [M, D, V] need a per-row teacher index")
+    n, S = _chunking(N, seq_chunk)
+    c, C = _chunking(V, vocab_chunk)
+    inv_s, inv_t = 1.0 / temperature, 1.0 / teacher_temperature
+
+    def tile(h_nD, w_cC, lse_n, teacher_n, j):
+        l_nc, ids_c, valid_c, w_c = _logits(h_nD, w_cC, j, V, inv_s)
+        t_nc = None
+        if teacher_n is not None:
+            th_nD, tw_cC, which_n, tlse_n = teacher_n
+            t_nc = _logits(th_nD, tw_cC, j, V, inv_t, which_n)[0] - tlse_n[:, None]
+        return Tile(l_nc - lse_n[:, None], t_nc, ids_c, valid_c, C), w_c
+
+    def split(h_ND, w_DV, aux, teacher):
+        """Strided chunk layout of every operand: rows [n, S, ...], columns [..., c, C]."""
+        if teacher is not None:
+            th_ND, tw, which_N = teacher
+            teacher = (_split_rows(th_ND, n, S), _split_cols(tw, c, C),
+                       _split_rows(which_N, n, S))
+        return _split_rows(h_ND, n, S), _split_cols(w_DV, c, C), _split_rows(aux, n, S), teacher
+
+    def teacher_chunk(teacher, tlse_nS, i):
+        if teacher is None:
+            return None
+        th_nD, which_n = _take((teacher[0], teacher[2]), i)
+        if tlse_nS is None:
+            tlse_n = _logsumexp_rows(th_nD, teacher[1], V, inv_t, which_n)
+        else:
+            tlse_n = _take(tlse_nS, i)
+        return th_nD, teacher[1], which_n, tlse_n
+
+    def forward(h_ND, w_DV, aux, teacher, with_dirs):
+        h_nSD, w_DcC, aux_nS, teacher = split(h_ND, w_DV, aux, teacher)
+        tile0 = Tile(jnp.zeros((n, c)), None if teacher is None else jnp.zeros((n, c)),
+                     jnp.zeros((c,), jnp.int32), jnp.ones((c,), bool), C)
+        shapes = jax.eval_shape(lambda aux_n: fn(tile0, aux_n), _take(aux_nS, 0))
+
+        def zeros(*lead):
+            return jax.tree.map(lambda s: jnp.zeros(lead + s.shape[1:]), shapes)
+
+        init = (jnp.zeros((n, S)), jnp.zeros((n, S)), zeros(n, S), zeros(n, S) if with_dirs else ())
+
+        def seq_body(i, acc):
+            h_nD, aux_n = _take((h_nSD, aux_nS), i)
+            lse_n = _logsumexp_rows(h_nD, w_DcC, V, inv_s)
+            teacher_n = teacher_chunk(teacher, None, i)
+
+            def vocab_body(j, sums):
+                t = tile(h_nD, w_DcC, lse_n, teacher_n, j)[0]
+                f = lambda a: fn(t._replace(logp_nc=a), aux_n)  # noqa: E731
+                if with_dirs:  # sum over columns of d(out)/d(logp), needed by the backward pass
+                    part = jax.jvp(f, (t.logp_nc,), (jnp.ones_like(t.logp_nc),))
+                else:
+                    part = (f(t.logp_nc), ())
+                return jax.tree.map(jnp.add, sums, part)
+
+            sums = jax.lax.fori_loop(0, C, vocab_body, (zeros(n), zeros(n) if with_dirs else ()))
+            tlse_n = jnp.zeros((n,)) if teacher_n is None else teacher_n[3]
+            return _put(acc, (lse_n, tlse_n, *sums), i)
+
+        return _merge_rows(jax.lax.fori_loop(0, S, seq_body, init), N)
+
+    @jax.custom_vjp
+    def reduce(h_ND, w_DV, aux, teacher):
+        lse_N, _, outs, _ = forward(h_ND, w_DV, aux, teacher, with_dirs=False)
+        return lse_N, outs
+
+    def reduce_fwd(h_ND, w_DV, aux, teacher):
+        lse_N, tlse_N, outs, dirs = forward(h_ND, w_DV, aux, teacher, with_dirs=True)
+        return (lse_N, outs), (h_ND, w_DV, aux, teacher, lse_N, tlse_N, dirs)
+
+    def reduce_bwd(res, cts):
+        h_ND, w_DV, aux, teacher, lse_N, tlse_N, dirs = res
+        g_lse_N, g_outs = cts
+        # logp = l - lse(l), so dL/dl_v = dfn/da_v + p_v (g_lse - sum_j g_j . dirs_j).
+        gdirs = jax.tree.map(lambda g, d: (g * d).reshape(N, -1).sum(-1), g_outs, dirs)
+        gp_N = g_lse_N - sum(jax.tree.leaves(gdirs), jnp.zeros((N,)))
+        h_nSD, w_DcC, aux_nS, teacher = split(h_ND, w_DV, aux, teacher)
+        # Padded rows get zero cotangents, so they add nothing to dw.
+        lse_nS, tlse_nS, gp_nS, g_nS = _split_rows((lse_N, tlse_N, gp_N, g_outs), n, S)
+
+        def seq_body(i, carry):
+            dh_nSD, dw_DcC = carry
+            h_nD, aux_n, lse_n, gp_n, g_n = _take((h_nSD, aux_nS, lse_nS, gp_nS, g_nS), i)
+            teacher_n = teacher_chunk(teacher, tlse_nS, i)
+
+            def vocab_body(j, carry):
+                dh_nD, dw_DcC = carry
+                t, w_Dc = tile(h_nD, w_DcC, lse_n, teacher_n, j)
+                _, vjp = jax.vjp(lambda a: fn(t._replace(logp_nc=a), aux_n), t.logp_nc)
+                dl_nc = vjp(g_n)[0] + jnp.exp(t.logp_nc) * gp_n[:, None]
+                dz_nc = jnp.where(t.valid_c, dl_nc, 0.0) * inv_s
+                dh_nD = dh_nD + jnp.dot(dz_nc, w_Dc.T, preferred_element_type=jnp.float32)
+                dw_Dc = jnp.dot(h_nD.T, dz_nc, preferred_element_type=jnp.float32)
+                dw_Dc = jax.lax.dynamic_index_in_dim(dw_DcC, j, 2, keepdims=False) + dw_Dc
+                return dh_nD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
+
+            dh_nD, dw_DcC = jax.lax.fori_loop(
+                0, C, vocab_body, (jnp.zeros(h_nD.shape, jnp.float32), dw_DcC))
+            return _put(dh_nSD, dh_nD, i), dw_DcC
+
+        init = (jnp.zeros(h_nSD.shape, jnp.float32), jnp.zeros(w_DcC.shape, jnp.float32))
+        dh_nSD, dw_DcC = jax.lax.fori_loop(0, S, seq_body, init)
+        dh_ND = _merge_rows(dh_nSD, N)
+        dw_DV = dw_DcC.reshape(w_DcC.shape[0], -1)[:, :V]
+        return dh_ND.astype(h_ND.dtype), dw_DV.astype(w_DV.dtype), None, None
+
+    reduce.defvjp(reduce_fwd, reduce_bwd)
+    return reduce(h_ND, w_DV, jax.lax.stop_gradient(aux), jax.lax.stop_gradient(teacher))
+
+
+# Column terms: each maps a tile to per-token partial sums over its columns (a ReduceFn body).
+
+
+def gather_term(t: Tile, ids_nK: jax.Array, logp_nc: jax.Array | None = None):
+    """(log-probs at ids_nK, hit mask); zero where the id lives in another chunk."""
+    logp_nc = t.logp_nc if logp_nc is None else logp_nc
+    offset_nK = ids_nK - t.ids_c[0]
+    local_nK = jnp.clip(offset_nK // t.stride, 0, t.ids_c.shape[0] - 1)
+    hit_nK = (offset_nK >= 0) & (local_nK * t.stride == offset_nK) & t.valid_c[local_nK]
+    return jnp.where(hit_nK, jnp.take_along_axis(logp_nc, local_nK, axis=1), 0.0), hit_nK
+
+
+def entropy_term(t: Tile) -> jax.Array:
+    """-sum_v p_s log p_s over the tile."""
+    return -jnp.where(t.valid_c, jnp.exp(t.logp_nc) * t.logp_nc, 0.0).sum(-1)
+
+
+def reverse_kl_term(t: Tile) -> jax.Array:
+    """sum_v p_s (log p_s - log p_t) over the tile."""
+    a, b = t.logp_nc, t.teacher_logp_nc
+    return jnp.where(t.valid_c, jnp.exp(a) * (a - b), 0.0).sum(-1)
+
+
+def forward_kl_term(t: Tile) -> jax.Array:
+    """sum_v p_t (log p_t - log p_s) over the tile."""
+    a, b = t.logp_nc, t.teacher_logp_nc
+    return jnp.where(t.valid_c, jnp.exp(b) * (b - a), 0.0).sum(-1)
+
+
+def jsd_term(t: Tile, beta: float) -> jax.Array:
+    """Generalised JSD(beta) of GKD over the tile; beta=0 forward KL, beta=1 reverse KL.
+
+    M = beta p_t + (1 - beta) p_s and JSD = beta KL(p_t||M) + (1 - beta) KL(p_s||M), as in the GKD
+    paper (P = teacher) and TRL. That expression vanishes at both ends, so the ends are defined as
+    the divergences it approaches in shape: beta=0 is KL(p_t||p_s), beta=1 is KL(p_s||p_t).
+    """
+    if beta == 0.0:
+        return forward_kl_term(t)
+    if beta == 1.0:
+        return reverse_kl_term(t)
+    a, b = t.logp_nc, t.teacher_logp_nc
+    m = jnp.logaddexp(b + jnp.log(beta), a + jnp.log1p(-beta))
+    kl_t = jnp.exp(b) * (b - m)
+    kl_s = jnp.exp(a) * (a - m)
+    return jnp.where(t.valid_c, beta * kl_t + (1.0 - beta) * kl_s, 0.0).sum(-1)
+
+
+def topk_kl_term(t: Tile, ids_nK: jax.Array, teacher_logp_nK: jax.Array) -> jax.Array:
+    """sum_{v in teacher top-k} p_s (log p_s - log p_t) - p_s + p_t, NOT renormalised."""
+    a_nK, hit_nK = gather_term(t, ids_nK)
+    p_nK, q_nK = jnp.exp(a_nK), jnp.exp(teacher_logp_nK)
+    return jnp.where(hit_nK, p_nK * (a_nK - teacher_logp_nK) - p_nK + q_nK, 0.0).sum(-1)
+
+
+# Public primitives on [B, T, D] hidden states.
+
+
+def _flat(x):
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def chunked_logsumexp(h_ND, w_DV, vocab_chunk=8192, *, seq_chunk=1024, temperature=1.0):
+    """logsumexp_v (h @ w / temperature) per row, never materialising [N, V]."""
+    return vocab_reduce(lambda t, aux: (), h_ND, w_DV, temperature=temperature,
+                        vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[0]
+
+
+def chunked_gather_logprobs(h_BTD, w_DV, ids_BTK, *, temperature=1.0, vocab_chunk=8192,
+                            seq_chunk=1024):
+    """log softmax(h @ w / temperature) at ids_BTK; differentiable w.r.t. h and w."""
+    B, T, K = ids_BTK.shape
+    fn = lambda t, ids_nK: (gather_term(t, ids_nK)[0],)  # noqa: E731
+    (logp_NK,) = vocab_reduce(fn, _flat(h_BTD), w_DV, _flat(ids_BTK), temperature=temperature,
+                              vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[1]
+    return logp_NK.reshape(B, T, K)
+
+
+def chunked_token_logprobs(h_BTD, w_DV, tokens_BT, *, temperature=1.0, vocab_chunk=8192,
+                           seq_chunk=1024):
+    """log softmax(h @ w / temperature) at the given token, [B, T]."""
+    return chunked_gather_logprobs(h_BTD, w_DV, tokens_BT[..., None], temperature=temperature,
+                                   vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[..., 0]
+
+
+def chunked_entropy(h_BTD, w_DV, *, temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
+    """Entropy of softmax(h @ w / temperature) per token, [B, T]."""
+    B, T, _ = h_BTD.shape
+    (ent_N,) = vocab_reduce(lambda t, aux: (entropy_term(t),), _flat(h_BTD), w_DV,
+                            temperature=temperature, vocab_chunk=vocab_chunk,
+                            seq_chunk=seq_chunk)[1]
+    return ent_N.reshape(B, T)
+
+
+def teacher_operand(teacher_h_BTD, teacher_w, teacher_index_B=None):
+    """`vocab_reduce`'s teacher tuple; teacher_w [M, D, V] is routed per sequence by index_B."""
+    if teacher_index_B is None:
+        return _flat(teacher_h_BTD), teacher_w
+    B, T, _ = teacher_h_BTD.shape
+    which_N = jnp.broadcast_to(teacher_index_B[:, None], (B, T)).reshape(-1)
+    return _flat(teacher_h_BTD), teacher_w, which_N
+
+
+def _pair_reduce(term, h_BTD, w_DV, teacher_h_BTD, teacher_w, teacher_index_B, temperature,
+                 teacher_temperature, vocab_chunk, seq_chunk):
+    B, T, _ = h_BTD.shape
+    teacher = teacher_operand(teacher_h_BTD, teacher_w, teacher_index_B)
+    (out_N,) = vocab_reduce(lambda t, aux: (term(t),), _flat(h_BTD), w_DV,
+                            teacher=teacher, temperature=temperature,
+                            teacher_temperature=teacher_temperature, vocab_chunk=vocab_chunk,
+                            seq_chunk=seq_chunk)[1]
+    return out_N.reshape(B, T)
+
+
+def chunked_reverse_kl(h_BTD, w_DV, teacher_h_BTD, teacher_w, *, teacher_index_B=None,
+                       temperature=1.0, teacher_temperature=1.0, vocab_chunk=8192,
+                       seq_chunk=1024):
+    """Exact KL(student || teacher) per token, [B, T]; the teacher is stop-gradient."""
+    return _pair_reduce(reverse_kl_term, h_BTD, w_DV, teacher_h_BTD, teacher_w, teacher_index_B,
+                        temperature, teacher_temperature, vocab_chunk, seq_chunk)
+
+
+def chunked_forward_kl(h_BTD, w_DV, teacher_h_BTD, teacher_w, *, teacher_index_B=None,
+                       temperature=1.0, teacher_temperature=1.0, vocab_chunk=8192,
+                       seq_chunk=1024):
+    """Exact KL(teacher || student) per token, [B, T]; the teacher is stop-gradient."""
+    return _pair_reduce(forward_kl_term, h_BTD, w_DV, teacher_h_BTD, teacher_w, teacher_index_B,
+                        temperature, teacher_temperature, vocab_chunk, seq_chunk)
+
+
+def chunked_jsd(h_BTD, w_DV, teacher_h_BTD, teacher_w, beta, *, teacher_index_B=None,
+                temperature=1.0, teacher_temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
+    """Generalised JSD(beta) per token (see `jsd_term` for the convention), [B, T]."""
+    return _pair_reduce(lambda t: jsd_term(t, beta), h_BTD, w_DV, teacher_h_BTD, teacher_w,
+                        teacher_index_B, temperature, teacher_temperature, vocab_chunk,
+                        seq_chunk)
+
+
+def chunked_topk_kl(h_BTD, w_DV, ids_BTK, teacher_logp_BTK, *, temperature=1.0,
+                    vocab_chunk=8192, seq_chunk=1024):
+    """Estimator-B term per token: `topk_kl_term` at the teacher's top-k ids, [B, T]."""
+    B, T, _ = h_BTD.shape
+    fn = lambda t, aux: (topk_kl_term(t, *aux),)  # noqa: E731
+    (out_N,) = vocab_reduce(fn, _flat(h_BTD), w_DV, (_flat(ids_BTK), _flat(teacher_logp_BTK)),
+                            temperature=temperature, vocab_chunk=vocab_chunk,
+                            seq_chunk=seq_chunk)[1]
+    return out_N.reshape(B, T)
+
+
+def chunked_topk(h_BTD, w_DV, k, *, temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
+    """(ids_BTK, logprobs_BTK) of the k most likely tokens, a running top-k over vocab chunks.
+
+    Scoring-side (teacher) primitive: the outputs are not differentiated; use
+    `chunked_gather_logprobs` for differentiable log-probs at given ids.
+    """
+    B, T, _ = h_BTD.shape
+    V = w_DV.shape[1]
+    if not 0 < k <= V:
+        raise ValueError(f"top-k k={k} must be in [1, vocab={V}]")
+    h_ND, w_DV = jax.lax.stop_gradient((_flat(h_BTD), w_DV))
+    N = h_ND.shape[0]
+    n, S = _chunking(N, seq_chunk)
+    c, C = _chunking(V, vocab_chunk)
+    h_nSD, w_DcC = _split_rows(h_ND, n, S), _split_cols(w_DV, c, C)
+    inv = 1.0 / temperature
+
+    def seq_body(i, acc):
+        h_nD = _take(h_nSD, i)
+
+        def vocab_body(j, carry):
+            m_n, s_n, vals_nK, ids_nK = carry
+            l_nc, ids_c, _, _ = _logits(h_nD, w_DcC, j, V, inv)
+            m_new = jnp.maximum(m_n, l_nc.max(-1))
+            s_n = s_n * jnp.exp(m_n - m_new) + jnp.exp(l_nc - m_new[:, None]).sum(-1)
+            top_vals, top_idx = jax.lax.top_k(l_nc, min(k, c))
+            vals_nK, pick = jax.lax.top_k(jnp.concatenate([vals_nK, top_vals], 1), k)
+            ids_nK = jnp.take_along_axis(jnp.concatenate([ids_nK, ids_c[top_idx]], 1), pick, 1)
+            return m_new, s_n, vals_nK, ids_nK
+
+        init = (jnp.full((n,), PAD_LOGIT), jnp.zeros((n,)), jnp.full((n, k), -jnp.inf),
+                jnp.zeros((n, k), jnp.int32))
+        m_n, s_n, vals_nK, ids_nK = jax.lax.fori_loop(0, C, vocab_body, init)
+        return _put(acc, (ids_nK, vals_nK - (m_n + jnp.log(s_n))[:, None]), i)
+
+    init = (jnp.zeros((n, S, k), jnp.int32), jnp.zeros((n, S, k), jnp.float32))
+    ids_NK, logp_NK = _merge_rows(jax.lax.fori_loop(0, S, seq_body, init), N)
+    return ids_NK.reshape(B, T, k), logp_NK.reshape(B, T, k)
