@@ -9,7 +9,6 @@ export writes the Hub layout (per-expert keys) that ``transformers`` loads. One 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -377,7 +376,3 @@ def save_hf(state, cfg: ModelConfig, out_dir: str | Path, *, max_shard_bytes: in
             f.write(content)
     return out
 
-
-def hf_layer_index(key: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", key)
-    return int(m.group(1)) if m else None

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-USAGE_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _user_errors():
     from models.config import ModelConfigError
