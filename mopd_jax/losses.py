@@ -121,7 +121,7 @@ class DistillBatch(NamedTuple):
 
     tokens_BT: jax.Array  # int: the sampled token that h_BTD[b, t] predicts
     mask_BT: jax.Array  # 1 on response tokens that train; prompt/tool tokens 0
-    domain_ids_B: jax.Array  # int in [0, M); ids outside get no weight (traced, not checked)
+    domain_ids_B: jax.Array  # int in [0, M) (traced, so not checked)
     sampler_logp_BT: jax.Array | None = None  # mu: rollout engine log-prob; None = trainer's
     orm_advantage_B: jax.Array | None = None  # GRPO group advantage for A's alpha term
     reward_B: jax.Array | None = None  # outcome reward, logged only
@@ -205,11 +205,19 @@ class PerToken(NamedTuple):
 
 def aggregate(per_token: PerToken, mask_BT, domain_ids_B, *, num_domains, aggregation,
               scale_M=None, seq_metrics_B=None):
-    """loss = sum_bt c_bt * scale[d_b] * l_bt, with the per-domain metrics of the module doc."""
+    """loss = sum_bt c_bt * scale[d_b] * l_bt, with the per-domain metrics of the module doc.
+
+    Without scale_M the loss ignores domain_ids_B, which then only sorts the metrics (ids
+    outside [0, num_domains) are left out of the /domain vectors, never out of the loss).
+    """
     M = num_domains
     if domain_ids_B is None:
         domain_ids_B = jnp.zeros(mask_BT.shape[:1], jnp.int32)
-    scale_M = jnp.ones((M,), jnp.float32) if scale_M is None else scale_M
+    c_BT = token_weights(mask_BT, aggregation)
+    if scale_M is None:
+        scale_M = jnp.ones((M,), jnp.float32)
+    else:
+        c_BT = c_BT * jnp.take(scale_M, domain_ids_B, mode="clip")[:, None]
     m_BT = mask_BT.astype(jnp.float32)
     on_BT = m_BT > 0  # `where`, not a product: non-response positions may hold inf or NaN
 
@@ -217,7 +225,6 @@ def aggregate(per_token: PerToken, mask_BT, domain_ids_B, *, num_domains, aggreg
         return jnp.where(on_BT, x_BT.astype(jnp.float32), 0.0)
 
     onehot_BM = jax.nn.one_hot(domain_ids_B, M)
-    c_BT = token_weights(mask_BT, aggregation) * (onehot_BM @ scale_M)[:, None]
     part_BT = c_BT * masked(per_token.loss_BT)
     g_M = jnp.abs(c_BT * masked(sg(per_token.grad_BT))).sum(-1) @ onehot_BM
     share_M = g_M / jnp.maximum(g_M.sum(), jnp.finfo(jnp.float32).tiny)

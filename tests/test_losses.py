@@ -488,6 +488,14 @@ def test_every_estimator_jits_and_logs_the_same_metrics():
     assert jnp.isfinite(loss) and metrics["grad_token_share/domain"].shape == (2,)
 
 
+def test_domain_ids_only_sort_metrics_when_there_are_no_domain_weights():
+    h, w, _, _, batch = problem()
+    mask, tokens = batch.mask_BT, batch.tokens_BT
+    one = sft(h, w, tokens, mask, **CHUNKS)[0][0]
+    unknown = losses.sft_loss(h, w, tokens, mask, jnp.array([0, 3, 1]), **CHUNKS)[0]
+    close(unknown, one)  # domain 3 with num_domains=1 still trains
+
+
 def test_config_rejects_bad_fields_with_their_name():
     with pytest.raises(ValueError, match="estimator"):
         DistillLossConfig(estimator="D")
