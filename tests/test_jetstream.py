@@ -55,8 +55,13 @@ async def decode(prompt):
 async def decode_all():  # 5 concurrent requests on 2 slots: slots are freed and refilled
     return await asyncio.gather(*[decode(p) for p in prompts])
 
-via_driver = asyncio.run(decode_all())
+# JetStream's detokenize thread posts each request's end-of-stream as two separate
+# call_soon_threadsafe calls; asyncio.run would close the loop between them and the thread's
+# error SIGKILLs the process. Keep the loop open until the driver's threads have joined.
+loop = asyncio.new_event_loop()
+via_driver = loop.run_until_complete(decode_all())
 driver.stop()
+loop.close()
 
 port = portpicker.pick_unused_port()
 server = serve(adapter, port)

@@ -29,6 +29,11 @@ Compatibility shims, all confined to this module and applied by ``import_jetstre
 Limits of 0.2.2's API: requests carry no sampling settings (one ``SamplingParams`` per adapter,
 greedy by default; request seeds count up), ``ResultTokens`` has no log-prob column, and
 ``max_prefill_length`` must be one of JetStream's buckets (a power of two >= 16).
+
+Calling ``LLMOrchestrator.Decode`` in-process: keep the event loop open until ``driver.stop()``
+has returned (no ``asyncio.run`` around the requests alone). 0.2.2's detokenize thread ends a
+stream with two ``call_soon_threadsafe`` calls; a loop closed between them makes the thread raise
+and ``JetThread`` SIGKILLs the process. The gRPC server owns a long-lived loop and is unaffected.
 """
 
 from __future__ import annotations
