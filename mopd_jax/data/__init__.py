@@ -1,0 +1,1 @@
+"""Prompt data: file sources, grain pipelines, built-in synthetic domains, reward functions."""

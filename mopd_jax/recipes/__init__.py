@@ -1,0 +1,1 @@
+"""Recipes: short loops composing data -> sample -> score -> loss -> step -> checkpoint."""
