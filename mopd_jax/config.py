@@ -35,14 +35,162 @@ def _check(ok: bool, field: str, msg: str):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where a run writes and how it is seeded."""
+    """Which recipe runs, where it writes, how it is seeded and checkpointed."""
 
     name: str = "run"
     """Run name, used in logs."""
     out_dir: str = "runs/default"
-    """Directory for checkpoints, metrics and reports."""
+    """Directory for checkpoints, metrics, rollouts and reports."""
     seed: int = 0
     """Seed of parameter init, data order and sampling."""
+    recipe: str = "mopd"
+    """What ``mopd train`` runs: sft, grpo, mopd (and the baselines: mix_rl, cascade, ...)."""
+    init: str = ""
+    """Student start: an Orbax model checkpoint dir, ``hf:DIR``, or '' for a random init."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (and at the end / on SIGTERM)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    eval_every: int = 0
+    """Evaluate on the held-out set every this many steps (0: only at the end)."""
+    store_rollouts: bool = True
+    """Append every step's rollouts to the tensorstore rollout store ``OUT/rollouts``."""
+
+    def __post_init__(self):
+        _check(self.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+        _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prompt sources, mixing and length policy."""
+
+    builtin: tuple[str, ...] = ()
+    """Built-in synthetic domains to use (add, sort, rev); no download needed."""
+    builtin_size: int = 4096
+    """Training problems generated per built-in domain."""
+    files: tuple[str, ...] = ()
+    """Prompt files (.jsonl, .parquet, .array_record) with fields prompt, domain, metadata."""
+    eval_files: tuple[str, ...] = ()
+    """Held-out evaluation files (same format); built-in domains bring their own split."""
+    eval_size: int = 128
+    """Evaluation problems per domain (the first N of each domain's eval records)."""
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-domain mixing weights (default: equal)."""
+    max_prompt_len: int = 32
+    """Longest prompt in tokens; longer ones follow ``overflow``."""
+    overflow: typing.Literal["drop", "truncate"] = "drop"
+    """Too-long prompts: 'drop' them or 'truncate' to the last max_prompt_len tokens (counted)."""
+    tokenizer: str = "builtin"
+    """'builtin' (character tokenizer of the built-in domains) or a directory with tokenizer.json."""
+    default_reward: str = "exact_match"
+    """Reward for records without a ``reward`` field (exact_match, math, code)."""
+    only_domains: tuple[str, ...] = ()
+    """Restrict training prompts to these domains (GRPO teachers: one domain each)."""
+
+    def __post_init__(self):
+        _check(self.builtin_size >= 1, "data.builtin_size", "must be >= 1")
+        _check(self.eval_size >= 1, "data.eval_size", "must be >= 1")
+        _check(self.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
+        for d, w in self.weights.items():
+            _check(w > 0, f"data.weights.{d}", f"must be > 0, got {w}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How the student samples (the sampler's log-probs are of this distribution)."""
+
+    temperature: float = 1.0
+    """Sampling temperature; teacher logits are divided by it too (MOPD.md)."""
+    top_k: int = 0
+    """Top-k truncation (0: off)."""
+    top_p: float = 1.0
+    """Nucleus truncation (1: off)."""
+    max_new_tokens: int = 16
+    """Longest response in tokens."""
+    slots: int = 64
+    """Concurrent decode slots of the engine (continuous batching)."""
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(self.slots >= 1, "rollout.slots", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on (prompt, answer) records: makes pi_0."""
+
+    batch_size: int = 64
+    """Sequences per step."""
+    target_field: str = "answer"
+    """Record field holding the target response."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO (teachers, Mix-RL, Cascade): group sampling, outcome rewards, PPO clip."""
+
+    prompts_per_step: int = 16
+    """Prompts per step; each gets ``group_size`` rollouts."""
+    group_size: int = 8
+    """Rollouts per prompt (>= 2)."""
+    dynamic_sampling: bool = True
+    """Drop prompt groups whose rewards are all equal (they carry no signal)."""
+    clip_low: float = 0.2
+    """PPO ratio clip below 1."""
+    clip_high: float = 0.28
+    """PPO ratio clip above 1 (clip-higher)."""
+    dr_grpo: bool = False
+    """Dr. GRPO: no std normalisation of advantages and token-sum aggregation."""
+    kl_coef: float = 0.0
+    """Coefficient of the k3 KL to the initial policy (0: off)."""
+
+    def __post_init__(self):
+        _check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+        _check(self.group_size >= 2, "grpo.group_size", "must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MOPDConfig:
+    """Multi-teacher on-policy distillation (MOPD.md): routing, estimator and its knobs."""
+
+    teachers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Domain -> teacher checkpoint dir (Orbax model dir or hf:DIR), or 'self' (frozen pi_0)."""
+    fallback: str = ""
+    """Teacher for domains without one ('self' or a checkpoint dir); '' makes them an error."""
+    placement: typing.Literal["resident", "host"] = "resident"
+    """Teachers all on the mesh, or held in host memory and moved in per use."""
+    prompts_per_step: int = 32
+    """Prompts per step."""
+    samples_per_prompt: int = 1
+    """Rollouts per prompt (>= 2 for the alpha * A_ORM term)."""
+    estimator: typing.Literal["A", "B", "C"] = "A"
+    """A: sampled-token PG; B: teacher top-k; C: exact full-vocabulary reverse KL."""
+    a_max: float = 5.0
+    """Advantage clip of estimator A."""
+    is_low: float = 0.2
+    """IcePop band: tokens with pi/mu below this are masked."""
+    is_high: float = 5.0
+    """IcePop band: tokens with pi/mu above this are masked."""
+    orm_alpha: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-domain weight of the GRPO outcome advantage added to A (default 0)."""
+    topk: int = 64
+    """Teacher top-k of estimator B."""
+    domain_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-domain loss weights (default 1)."""
+    dn_rescale: bool = False
+    """DN-MOPD: rescale each domain by clip(sigma_all / sigma_d, 0.25, 4)."""
+    aggregation: typing.Literal["seq_mean", "token_mean", "token_sum"] = "seq_mean"
+    """Sequence-mean then batch-mean (paper) or token-mean."""
+
+    def __post_init__(self):
+        _check(self.prompts_per_step >= 1, "mopd.prompts_per_step", "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "mopd.samples_per_prompt", "must be >= 1")
+        _check(0 < self.is_low <= 1 <= self.is_high, "mopd.is_low/is_high",
+               "need 0 < is_low <= 1 <= is_high")
+        _check(self.a_max > 0, "mopd.a_max", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +238,17 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     """Device mesh axis sizes."""
     optimizer: OptimizerConfig = OptimizerConfig()
-    """Optimizer and schedule."""
+    """Optimizer and schedule; ``total_steps`` is also the number of training steps."""
+    data: DataConfig = DataConfig()
+    """Prompt sources and mixing."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Student sampling."""
+    sft: SFTConfig = SFTConfig()
+    """SFT recipe."""
+    grpo: GRPOConfig = GRPOConfig()
+    """GRPO recipe (teachers and RL baselines)."""
+    mopd: MOPDConfig = MOPDConfig()
+    """MOPD recipe."""
 
 
 # ----------------------------------------------------------------------------- building
