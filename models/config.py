@@ -167,6 +167,13 @@ PRESETS = {
                                     max_position_embeddings=512, num_experts=8,
                                     num_experts_per_tok=2, moe_intermediate_size=32,
                                     mlp_only_layers=(0,)),
+    # The demo student: an MoE over the 31-symbol alphabet of the built-in domains.
+    "demo-moe": lambda: ModelConfig(name="demo-moe", vocab_size=32, hidden_size=64,
+                                    intermediate_size=128, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
+                                    max_position_embeddings=64, num_experts=4,
+                                    num_experts_per_tok=2, moe_intermediate_size=64,
+                                    mlp_only_layers=(0,), moe_impl="dense"),
     "qwen3-0.6b": lambda: _qwen3("qwen3-0.6b", hidden_size=1024, intermediate_size=3072,
                                  num_layers=28, num_heads=16, num_kv_heads=8,
                                  tie_word_embeddings=True),

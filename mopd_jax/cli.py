@@ -13,8 +13,9 @@ def _user_errors():
     from mopd_jax.checkpoint import CheckpointError
     from mopd_jax.config import ConfigError
     from mopd_jax.sharding import MeshError
+    from mopd_jax.recipes.cli import user_errors
     return (ConfigError, ModelConfigError, HFCheckpointError, CheckpointError, MeshError,
-            FileNotFoundError, UsageError)
+            FileNotFoundError, UsageError, *user_errors())
 
 
 class UsageError(ValueError):
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_parser(sub)
     except ImportError:
         pass
+
+    from mopd_jax.recipes.cli import add_parsers
+    add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a reference in the same run)",
                        description="Benchmarks; each prints ratios against a reference "

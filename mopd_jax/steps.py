@@ -89,7 +89,8 @@ def distill_objective(loss_cfg, aux_coef: float = 0.0):
     return objective
 
 
-def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0):
+def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0,
+                  num_domains: int = 1):
     """Cross-entropy on tokens where mask == 1 (batch: tokens, mask, optional domain)."""
     from mopd_jax.losses import sft_loss
 
@@ -98,7 +99,35 @@ def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: floa
         hidden, _, aux = model(tokens[:, :-1])
         loss, metrics = sft_loss(hidden, model.lm_head_weight(), tokens[:, 1:],
                                  batch["mask"][:, 1:], batch.get("domain"),
-                                 vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+                                 num_domains=num_domains, vocab_chunk=vocab_chunk,
+                                 seq_chunk=seq_chunk)
+        return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
+    return objective
+
+
+def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
+                   aggregation: str = "seq_mean", num_domains: int = 1,
+                   vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0):
+    """PPO-clip GRPO loss on rollouts.
+
+    batch: tokens [B, T], mask [B, T], domain [B], old_logp [B, T] (the sampler's log-probs:
+    one update per batch, so the behaviour policy is the sampler), adv [B], reward [B], and
+    ref_logp [B, T] when kl_coef > 0 (all aligned with tokens).
+    """
+    from mopd_jax.losses import grpo_loss
+
+    def objective(model, batch):
+        tokens = batch["tokens"]
+        hidden, _, aux = model(tokens[:, :-1])
+        logp = chunked_token_logprobs(hidden, model.lm_head_weight(), tokens[:, 1:],
+                                      vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+        ref = batch.get("ref_logp")
+        loss, metrics = grpo_loss(logp, batch["old_logp"][:, 1:], batch["adv"],
+                                  batch["mask"][:, 1:], batch.get("domain"),
+                                  num_domains=num_domains, clip_low=clip_low,
+                                  clip_high=clip_high, kl_coef=kl_coef,
+                                  ref_logp_BT=None if ref is None else ref[:, 1:],
+                                  aggregation=aggregation, reward_B=batch.get("reward"))
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
     return objective
 

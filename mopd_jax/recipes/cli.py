@@ -1,0 +1,134 @@
+"""CLI verbs of the pipeline: ``mopd train``, ``mopd eval``, ``mopd inspect``, ``mopd demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+RECIPES = {
+    "sft": ("mopd_jax.recipes.sft", "run_sft"),
+    "grpo": ("mopd_jax.recipes.grpo", "run_grpo"),
+    "mopd": ("mopd_jax.recipes.mopd", "run_mopd"),
+}
+
+
+def user_errors() -> tuple:
+    from mopd_jax.data.rewards import RewardError
+    from mopd_jax.data.sources import DataError
+    from mopd_jax.recipes.common import RunError
+    from mopd_jax.rollout_store import StoreError
+    from mopd_jax.run_checkpoint import RunCheckpointError
+    from mopd_jax.teachers import TeacherError
+    return (DataError, RewardError, RunError, StoreError, RunCheckpointError, TeacherError)
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache: later runs and phases reuse compiled steps (MOPD_XLA_CACHE=0: off)."""
+    path = os.environ.get("MOPD_XLA_CACHE", str(Path.home() / ".cache" / "mopd_jax" / "xla"))
+    if path in ("", "0", "off"):
+        return
+    import jax
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def recipe_fn(name: str):
+    from mopd_jax.config import ConfigError
+    if name not in RECIPES:
+        raise ConfigError(f"run.recipe: unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    mod, fn = RECIPES[name]
+    return getattr(__import__(mod, fromlist=[fn]), fn)
+
+
+def _train(args):
+    from mopd_jax.config import load_config
+    enable_compilation_cache()
+    cfg = load_config(args.config, args.set)
+    run = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)
+    if run.stopped:
+        raise KeyboardInterrupt
+    print(f"done: {run.out}")
+
+
+def _eval(args):
+    from mopd_jax.config import load_config
+    from mopd_jax.loading import load_model
+    from mopd_jax.recipes import common
+    enable_compilation_cache()
+    cfg = load_config(args.config, args.set)
+    run = common.setup(cfg, resume=True, quiet=True)
+    kw = {"hf": args.hf} if args.hf else {"checkpoint": args.checkpoint}
+    loaded = load_model(mesh=run.mesh, role="sample", **kw)
+    run.graphdef, run.init_params, run.model_cfg = loaded.graphdef, loaded.params, loaded.cfg
+    scores = common.evaluate(run, loaded.params)
+    for d, s in scores.items():
+        print(f"{d:12s} {s:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=1))
+
+
+def _inspect(args):
+    from mopd_jax.inspect_run import inspect_run
+    from mopd_jax.tokenizer import load_tokenizer
+    decode = None
+    model_dir = Path(args.run_dir) / "model"
+    tok = load_tokenizer(model_dir) if model_dir.is_dir() else None
+    if tok is None and (Path(args.run_dir) / "config.yaml").is_file():
+        from mopd_jax.config import load_config
+        from mopd_jax.recipes.common import load_tokenizer as run_tokenizer
+        try:
+            tok = run_tokenizer(load_config(Path(args.run_dir) / "config.yaml"))
+        except Exception:  # noqa: BLE001 - decoding is a convenience; ids are printed instead
+            tok = None
+    if tok is not None:
+        decode = tok.decode
+    print(inspect_run(args.run_dir, samples=args.samples, decode=decode, step=args.step))
+
+
+def _demo(args):
+    from mopd_jax.recipes.demo import run_demo
+    enable_compilation_cache()
+    run_demo(args.out, quick=args.quick, overrides=args.set)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("train", help="run a recipe (sft, grpo, mopd, ...) from a YAML config",
+                       description="Run the recipe named by run.recipe in CONFIG. SIGTERM/SIGINT "
+                                   "save a checkpoint and exit; --resume continues from it.")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last good checkpoint in run.out_dir")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="held-out per-domain scores of a model",
+                       description="Greedy mean reward per domain on CONFIG's evaluation set.")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", metavar="DIR", help="mopd model checkpoint (e.g. RUN/model)")
+    g.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="override a config field (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("inspect", help="samples and per-domain statistics of a run",
+                       description="Print rollouts from RUN_DIR/rollouts and per-domain stats.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--samples", type=int, default=3, help="sample rollouts to print")
+    p.add_argument("--step", type=int, default=None, help="only this training step")
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("demo", help="the whole method on the built-in domains (CPU, minutes)",
+                       description="SFT base -> one GRPO teacher per built-in domain -> MOPD "
+                                   "student -> evaluation table and OUT/report.md. Re-running "
+                                   "the same command continues an interrupted demo.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a small budget (about 2 minutes)")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="override a field of mopd_jax/assets/demo.yaml (repeatable)")
+    p.set_defaults(run=_demo)

@@ -1,0 +1,341 @@
+"""Pieces every recipe composes: run directory, data, student, engine, evaluation, the loop.
+
+A recipe is ``setup(cfg) -> Run``, a ``step_fn(state, step) -> (state, metrics, rows)`` closure,
+and ``train_loop(run, state, step_fn)``. The loop owns what must be identical in every recipe:
+resume from the last good checkpoint (params, optimizer, data iterator, step), SIGTERM/SIGINT
+-> save then exit, metrics read one step late and written to metrics.jsonl + TensorBoard, the
+rollout store, and progress with ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mopd_jax import config as cfgmod
+from mopd_jax import sharding as shd
+from mopd_jax.config import Config, ConfigError
+from mopd_jax.data import domains as builtin
+from mopd_jax.data.pipeline import PromptPipeline, encode_prompt
+from mopd_jax.data.rewards import score_batch
+from mopd_jax.data.sources import DataError, read_records
+from mopd_jax.metrics import MetricsWriter, Progress, format_config
+from mopd_jax.sampling import Engine, SamplingParams, rollout
+from mopd_jax.steps import init_train_state, make_optimizer, make_train_step
+
+
+class RunError(ValueError):
+    """A run cannot start: output directory, existing run, tokenizer/vocabulary mismatch."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a recipe step needs that does not change during the run."""
+
+    cfg: Config
+    out: Path
+    mesh: object
+    tokenizer: object
+    domains: tuple[str, ...]  # index = domain id in batches and metrics
+    train_records: dict[str, list[dict]]
+    eval_records: dict[str, list[dict]]
+    graphdef: object = None
+    model_cfg: object = None
+    init_params: object = None  # pi_0 as loaded (frozen: 'self' teacher, KL reference)
+    engine: Engine | None = None
+    stopped: bool = False  # the loop ended early on SIGTERM/SIGINT
+    elapsed: float = 0.0  # seconds in train_loop
+    final_params: object = None  # trained params when the recipe finished
+    samples: dict = dataclasses.field(default_factory=dict)  # rollouts consumed per domain
+
+    def domain_ids(self, names) -> np.ndarray:
+        return np.asarray([self.domains.index(d) for d in names], np.int32)
+
+
+# ----------------------------------------------------------------------------- setup
+def prepare_out_dir(cfg: Config, resume: bool) -> Path:
+    """Create run.out_dir (or fail clearly) and refuse to clobber a run unless resuming."""
+    out = Path(cfg.run.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"run.out_dir: cannot write to {out} ({e.strerror}); choose a writable "
+                       "directory with --set run.out_dir=DIR") from None
+    if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise RunError(f"run.out_dir: {out} already holds a run; pass --resume to continue it "
+                       "or choose another directory with --set run.out_dir=DIR")
+    return out
+
+
+def load_tokenizer(cfg: Config):
+    if cfg.data.tokenizer == "builtin":
+        return builtin.tokenizer()
+    from mopd_jax.tokenizer import load_tokenizer as load
+    tok = load(cfg.data.tokenizer)
+    if tok is None:
+        raise RunError(f"data.tokenizer: no tokenizer.json in {cfg.data.tokenizer}; point it at "
+                       "the model directory or use 'builtin' for the built-in domains")
+    return tok
+
+
+def load_records(cfg: Config) -> tuple[dict, dict]:
+    """(train, eval) records by domain from the built-in domains and the data files."""
+    d = cfg.data
+    train: dict[str, list[dict]] = {}
+    evals: dict[str, list[dict]] = {}
+    for name in d.builtin:
+        if name not in builtin.DOMAINS:
+            raise ConfigError(f"data.builtin: unknown built-in domain {name!r}; choose from "
+                              f"{list(builtin.DOMAINS)}")
+        train[name] = builtin.generate(name, d.builtin_size, seed=cfg.run.seed)
+        evals[name] = builtin.generate(name, d.eval_size, seed=0, split="eval")
+    for path in d.files:
+        for r in read_records(path):
+            train.setdefault(r["domain"], []).append(r)
+    for path in d.eval_files:
+        for r in read_records(path):
+            evals.setdefault(r["domain"], []).append(r)
+    evals = {k: v[:d.eval_size] for k, v in evals.items()}
+    if not train:
+        raise ConfigError("data: no training prompts; set data.builtin (e.g. [add, sort, rev]) "
+                          "or data.files")
+    if d.only_domains:
+        unknown = sorted(set(d.only_domains) - set(train))
+        if unknown:
+            raise DataError(f"data.only_domains: unknown domain(s) {unknown}; the data has "
+                            f"{sorted(train)}")
+        train = {k: v for k, v in train.items() if k in d.only_domains}
+    for name, recs in train.items():
+        if not recs:
+            raise DataError(f"domain {name!r} has no training prompts; remove it or add data")
+    return train, evals
+
+
+def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
+    """Output dir, mesh, tokenizer and data of a run; prints the resolved config."""
+    out = prepare_out_dir(cfg, resume)
+    (out / "config.yaml").write_text(cfgmod.dump_yaml(cfg))
+    if not quiet:
+        print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out}\n"
+              + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
+    tok = load_tokenizer(cfg)
+    vocab = getattr(tok, "vocab_size", None)
+    if vocab is not None and vocab > cfg.model.vocab_size:
+        raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                       f"{vocab} ids; use a model whose vocabulary covers the tokenizer")
+    train, evals = load_records(cfg)
+    all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
+    return Run(cfg, out, shd.make_mesh(cfg.mesh), tok, all_domains, train, evals)
+
+
+def init_student(run: Run) -> None:
+    """Student params (pi_0) from run.init, or a random init of cfg.model; sets run fields."""
+    from mopd_jax.loading import load_model
+
+    cfg = run.cfg
+    src = cfg.run.init
+    if src:
+        kw = {"hf": src[3:]} if src.startswith("hf:") else {"checkpoint": src}
+        if not Path(kw.get("hf") or kw["checkpoint"]).is_dir():
+            raise RunError(f"run.init: checkpoint {src!r} not found; train pi_0 first (recipe "
+                           "sft) or fix the path")
+        loaded = load_model(mesh=run.mesh, role="train", **kw)
+        graphdef, params, mcfg = loaded.graphdef, loaded.params, loaded.cfg
+    else:
+        from models.qwen3 import Transformer
+        mcfg = cfg.model
+        graphdef, params = shd.init_sharded(
+            lambda: Transformer(mcfg, nnx.Rngs(cfg.run.seed)), run.mesh, "train")
+    vocab = getattr(run.tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > mcfg.vocab_size:
+        raise RunError(f"run.init: model vocabulary {mcfg.vocab_size} < tokenizer {vocab}")
+    run.graphdef, run.init_params, run.model_cfg = graphdef, params, mcfg
+
+
+def make_pipeline(run: Run, batch_size: int) -> PromptPipeline:
+    d = run.cfg.data
+    weights = {k: v for k, v in d.weights.items() if k in run.train_records} or None
+    return PromptPipeline(run.train_records, encode=lambda r: encode_prompt(run.tokenizer, r),
+                          batch_size=batch_size, weights=weights, seed=run.cfg.run.seed,
+                          max_prompt_len=d.max_prompt_len, overflow=d.overflow,
+                          shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def seq_len(cfg: Config) -> int:
+    """Fixed row width of every batch: longest prompt + longest response."""
+    return cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+
+
+def make_engine(run: Run) -> Engine:
+    cfg = run.cfg
+    if run.engine is None:
+        run.engine = Engine(run.graphdef, run.init_params,
+                            max_concurrent_decodes=cfg.rollout.slots,
+                            max_prefill_length=cfg.data.max_prompt_len,
+                            max_target_length=seq_len(cfg),
+                            stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,
+                            pad_id=getattr(run.tokenizer, "pad_id", 0) or 0)
+    return run.engine
+
+
+def sampling_params(cfg: Config, greedy: bool = False) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                          greedy=greedy, max_new_tokens=r.max_new_tokens)
+
+
+def step_seed(cfg: Config, step: int, salt: int = 0) -> int:
+    return (cfg.run.seed * 1_000_003 + step * 7919 + salt) % (2 ** 31)
+
+
+def responses(run: Run, rb) -> list[str]:
+    return [run.tokenizer.decode(rb.tokens[i, rb.prompt_lengths[i]:rb.lengths[i]].tolist())
+            for i in range(len(rb))]
+
+
+def rewards_of(run: Run, rb) -> np.ndarray:
+    return score_batch(responses(run, rb), [dict(m) for m in rb.metadata],
+                       default=run.cfg.data.default_reward)
+
+
+def evaluate(run: Run, params, domains=None) -> dict[str, float]:
+    """Greedy mean reward per domain on the fixed, seeded held-out set."""
+    engine = make_engine(run)
+    out = {}
+    for d in domains or sorted(run.eval_records):
+        recs = run.eval_records[d]
+        prompts = [{"tokens": encode_prompt(run.tokenizer, r), "domain": d, "metadata": r}
+                   for r in recs]
+        prompts = [p for p in prompts if len(p["tokens"]) <= run.cfg.data.max_prompt_len]
+        if not prompts:
+            continue
+        rb = rollout(engine, params, prompts, sampling=sampling_params(run.cfg, greedy=True))
+        out[d] = float(rewards_of(run, rb).mean())
+    return out
+
+
+def new_train_state(run: Run, params=None):
+    opt = make_optimizer(run.cfg.optimizer)
+    return opt, init_train_state(run.init_params if params is None else params, opt, run.mesh)
+
+
+def compile_train_step(run: Run, opt, objective):
+    return make_train_step(run.graphdef, opt, objective,
+                           microbatches=run.cfg.optimizer.microbatches, mesh=run.mesh)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _to_host(metrics: dict) -> dict:
+    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+
+def flatten_metrics(prefix: str, metrics: dict, domains) -> dict[str, float]:
+    """Scalars as-is; ``name/domain`` vectors [M] as ``name/<domain>``; under ``prefix/``."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if k.endswith("/domain"):
+            base = k[: -len("/domain")]
+            for i, d in enumerate(domains[: v.shape[0]]):
+                out[f"{prefix}/{base}/{d}"] = float(v[i])
+        elif v.ndim == 0:
+            out[f"{prefix}/{k}"] = float(v)
+    return out
+
+
+def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: bool = False,
+               prefix: str = "train", store=None, final_eval: bool = True):
+    """Run ``step_fn`` from the last checkpoint (or 0) to ``total_steps``; see module doc.
+
+    ``step_fn(state, step) -> (state, device_metrics, host_metrics, rows)``; ``rows`` is None
+    or the kwargs of ``RolloutStore.append``. Returns the final state.
+    """
+    from mopd_jax.run_checkpoint import GracefulStop, RunCheckpointer, abstract_like
+
+    cfg = run.cfg
+    ckpt = RunCheckpointer(run.out / "checkpoints", max_to_keep=cfg.run.keep_checkpoints)
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        start, state, extra = ckpt.restore(abstract_like(state))
+        pipeline.set_state(extra["data"])
+        print(f"resumed {run.out} at step {start}", file=sys.stderr)
+        if store is not None:
+            store.truncate_to_step(start)
+    writer = MetricsWriter(run.out, resume_step=start if resume else None)
+
+    def save(step, state, force=False):
+        ckpt.save(step, state, {"data": pipeline.get_state(), "step": step,
+                                "config": cfgmod.to_dict(cfg)}, force=force)
+
+    pending = None  # (step, device metrics, host metrics): fetched one step late
+
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            step, dev, host = pending
+            writer.write(step, {**flatten_metrics(prefix, _to_host(dev), run.domains), **host})
+            pending = None
+
+    t0 = time.perf_counter()
+    progress = Progress(total_steps - start, desc=f"{cfg.run.name} {prefix}")
+    with GracefulStop() as stop:
+        step = start
+        while step < total_steps:
+            state, dev, host, rows = step_fn(state, step)
+            flush()
+            step += 1
+            pending = (step, dev, host)
+            if store is not None and rows is not None:
+                store.append(step=step, **rows)
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+                flush()
+                scores = evaluate(run, state["params"])
+                writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
+            progress.update(1)
+            if step % cfg.run.checkpoint_every == 0 or step == total_steps or stop.requested:
+                flush()
+                save(step, state, force=stop.requested)
+            if stop.requested:
+                ckpt.wait()
+                print(f"stopped by signal at step {step}; checkpoint saved in "
+                      f"{run.out / 'checkpoints'}; continue with --resume", file=sys.stderr)
+                break
+    flush()
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    if final_eval and step == total_steps:
+        scores = evaluate(run, state["params"])
+        writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
+        (run.out / "eval.json").write_text(json.dumps(scores, indent=1))
+    writer.close()
+    run.stopped = step < total_steps
+    run.elapsed = time.perf_counter() - t0
+    return state
+
+
+def export_student(run: Run, params, name: str = "model") -> Path:
+    """Save the trained params as a model checkpoint (teacher / pi_0 / student) + tokenizer."""
+    from mopd_jax.checkpoint import save_model
+    from mopd_jax.tokenizer import CharTokenizer
+
+    out = run.out / name
+    save_model(out, params, run.model_cfg)
+    if isinstance(run.tokenizer, CharTokenizer):
+        (out / "char_tokenizer.json").write_text(json.dumps(
+            {"alphabet": run.tokenizer.alphabet, "vocab_size": run.tokenizer.vocab_size}))
+    elif getattr(run.tokenizer, "directory", None):
+        import shutil
+        for f in Path(run.tokenizer.directory).glob("tokenizer*"):
+            shutil.copy(f, out / f.name)
+    return out

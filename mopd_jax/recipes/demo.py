@@ -1,0 +1,124 @@
+"""`mopd demo`: SFT base -> one GRPO teacher per built-in domain -> MOPD student -> evaluation.
+
+Every phase is an ordinary recipe run in its own directory under ``--out`` (sft/,
+teacher_<domain>/, mopd/), configured from ``mopd_jax/assets/demo.yaml`` plus the phase's step
+counts. A finished phase (its model/ exists) is reused, an interrupted one resumes from its
+checkpoint, so re-running the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from mopd_jax import config as cfgmod
+from mopd_jax.recipes import common
+
+DEMO_CONFIG = resources.files("mopd_jax") / "assets" / "demo.yaml"
+
+# Step counts and sizes per mode. Full: about 10 minutes on a 2-core CPU.
+MODES = {
+    "full": {"sft": 250, "sft_lr": 3e-3, "grpo": 60, "grpo_lr": 1e-3, "mopd": 100,
+             "mopd_lr": 1e-3, "eval_size": 256, "builtin_size": 4000},
+    "quick": {"sft": 60, "sft_lr": 3e-3, "grpo": 3, "grpo_lr": 1e-3, "mopd": 4,
+              "mopd_lr": 1e-3, "eval_size": 16, "builtin_size": 600},
+}
+
+
+def phase_config(out: Path, phase: str, mode: dict, overrides: list[str], **extra):
+    sets = [f"run.out_dir={out / phase}", f"run.name={phase}",
+            f"data.eval_size={mode['eval_size']}", f"data.builtin_size={mode['builtin_size']}"]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return cfgmod.load_config(str(DEMO_CONFIG), sets + list(overrides))
+
+
+def _run_phase(fn, cfg, quiet=True):
+    out = Path(cfg.run.out_dir)
+    if (out / "model" / "model.json").is_file():
+        print(f"[demo] {cfg.run.name}: done earlier, reusing {out / 'model'}", file=sys.stderr)
+        return out / "model"
+    resume = (out / "checkpoints").is_dir()
+    t0 = time.perf_counter()
+    print(f"[demo] {cfg.run.name}: {cfg.run.recipe}, {cfg.optimizer.total_steps} steps",
+          file=sys.stderr)
+    run = fn(cfg, resume=resume, quiet=quiet)
+    if run.stopped:
+        raise KeyboardInterrupt(f"demo stopped during {cfg.run.name}; run the same command "
+                                "again to continue")
+    print(f"[demo] {cfg.run.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out / "model"
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, overrides=()) -> dict:
+    """Run the whole method; returns the results table and writes OUT/report.md."""
+    from mopd_jax.recipes.grpo import run_grpo
+    from mopd_jax.recipes.mopd import run_mopd
+    from mopd_jax.recipes.sft import run_sft
+    from mopd_jax.report import write_report
+
+    out = Path(out)
+    mode = MODES["quick" if quick else "full"]
+    t0 = time.perf_counter()
+    sft_cfg = phase_config(out, "sft", mode, overrides, **{
+        "run.recipe": "sft", "optimizer.total_steps": mode["sft"], "optimizer.lr": mode["sft_lr"]})
+    domains = list(sft_cfg.data.builtin)
+    pi0 = _run_phase(run_sft, sft_cfg)
+    teachers = {}
+    for d in domains:
+        cfg = phase_config(out, f"teacher_{d}", mode, overrides, **{
+            "run.recipe": "grpo", "run.init": pi0, "data.only_domains": f"[{d}]",
+            "optimizer.total_steps": mode["grpo"], "optimizer.lr": mode["grpo_lr"],
+            "optimizer.warmup_steps": 0})
+        teachers[d] = _run_phase(run_grpo, cfg)
+    mopd_cfg = phase_config(out, "mopd", mode, overrides, **{
+        "run.recipe": "mopd", "run.init": pi0, "optimizer.total_steps": mode["mopd"],
+        "optimizer.lr": mode["mopd_lr"],
+        **{f"mopd.teachers.{d}": str(p) for d, p in teachers.items()}})
+    student = _run_phase(run_mopd, mopd_cfg)
+
+    table = evaluate_models(mopd_cfg, pi0, teachers, student)
+    table["wall_s"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(table, indent=1))
+    write_report(out, table)
+    print(format_table(table))
+    print(f"report: {out / 'report.md'}")
+    return table
+
+
+def evaluate_models(cfg, pi0, teachers: dict, student) -> dict:
+    """Held-out greedy scores: pi_0, each teacher on its domain, the student; normalised."""
+    from mopd_jax.loading import load_model
+
+    run = common.setup(cfg, resume=True, quiet=True)
+
+    def scores(path, domains=None):
+        loaded = load_model(checkpoint=str(path), mesh=run.mesh, role="sample")
+        run.graphdef, run.init_params, run.model_cfg = (loaded.graphdef, loaded.params,
+                                                        loaded.cfg)
+        return common.evaluate(run, loaded.params, domains)
+
+    base = scores(pi0)
+    stud = scores(student)
+    rows = []
+    for d in sorted(teachers):
+        t = scores(teachers[d], [d])[d]
+        gap = t - base[d]
+        norm = (stud[d] - base[d]) / gap if gap > 0 else float("nan")
+        rows.append({"domain": d, "base": base[d], "teacher": t, "student": stud[d],
+                     "normalised": norm})
+    finite = [r["normalised"] for r in rows if r["normalised"] == r["normalised"]]
+    return {"rows": rows, "mean_normalised": sum(finite) / len(finite) if finite else None}
+
+
+def format_table(table: dict) -> str:
+    lines = [f"{'domain':8s} {'pi_0':>6s} {'teacher':>8s} {'student':>8s} {'normalised':>10s}"]
+    for r in table["rows"]:
+        lines.append(f"{r['domain']:8s} {r['base']:6.3f} {r['teacher']:8.3f} "
+                     f"{r['student']:8.3f} {r['normalised']:10.3f}")
+    m = table.get("mean_normalised")
+    lines.append(f"mean normalised score: {m:.3f}" if m is not None else
+                 "mean normalised score: n/a (no teacher beat pi_0)")
+    return "\n".join(lines)

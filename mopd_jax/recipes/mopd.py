@@ -1,0 +1,110 @@
+"""MOPD recipe: the student learns from the teacher of each prompt's domain, on its own samples.
+
+One step, top to bottom (MOPD.md):
+prompts (grain) -> student rollouts with the sampler's per-token log-probs mu -> route each
+rollout to its domain's teacher (hard, per sample) -> teacher scores (one compiled score step
+per estimator) -> outcome rewards (logged; alpha * A_ORM when samples_per_prompt >= 2) ->
+distillation loss + train_step -> metrics, rollout store, checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mopd_jax.losses import DistillLossConfig
+from mopd_jax.recipes import common
+from mopd_jax.recipes.grpo import _store, group_advantages_np
+from mopd_jax.sampling import rollout
+from mopd_jax.steps import distill_objective
+from mopd_jax.teachers import SELF, TeacherError, load_teachers
+
+
+def loss_config(run: common.Run) -> DistillLossConfig:
+    m, doms = run.cfg.mopd, run.domains
+    V = run.model_cfg.vocab_size
+    return DistillLossConfig(
+        estimator=m.estimator, a_max=m.a_max, is_low=m.is_low, is_high=m.is_high,
+        orm_alpha=tuple(m.orm_alpha.get(d, 0.0) for d in doms) if m.orm_alpha else 0.0,
+        topk=min(m.topk, V), aggregation=m.aggregation, num_domains=len(doms),
+        domain_weights=tuple(m.domain_weights.get(d, 1.0) for d in doms)
+        if m.domain_weights else (), dn_rescale=m.dn_rescale,
+        teacher_temperature=run.cfg.rollout.temperature, vocab_chunk=min(8192, V))
+
+
+def check_routing(run: common.Run) -> None:
+    """Every training domain has a teacher (or a fallback); named teachers' domains exist."""
+    m = run.cfg.mopd
+    missing = sorted(d for d in run.train_records if d not in m.teachers)
+    if missing and not m.fallback:
+        raise TeacherError(f"mopd.teachers: no teacher for domain(s) {missing} and mopd.fallback "
+                           f"is unset; add mopd.teachers.<domain>=CHECKPOINT or set "
+                           f"mopd.fallback={SELF}")
+
+
+def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+    """MOPD for optimizer.total_steps steps; saves OUT/model."""
+    run = common.setup(cfg, resume=resume, quiet=quiet)
+    m = cfg.mopd
+    check_routing(run)
+    common.init_student(run)
+    pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
+                                                          run.model_cfg),
+                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
+    loss_cfg = loss_config(run)
+    n = m.samples_per_prompt
+    if loss_cfg.orm_alpha != 0.0 and n < 2:
+        raise TeacherError("mopd.orm_alpha needs mopd.samples_per_prompt >= 2 (a group "
+                           "advantage needs at least two rollouts per prompt)")
+    pipeline = common.make_pipeline(run, m.prompts_per_step)
+    opt, state = common.new_train_state(run)
+    step = common.compile_train_step(run, opt, distill_objective(loss_cfg, aux_coef=0.01))
+    engine = common.make_engine(run)
+    store = _store(run)
+
+    def step_fn(state, i):
+        prompts = next(pipeline)
+        rb = rollout(engine, state["params"], prompts, n=n,
+                     sampling=common.sampling_params(cfg), seed=common.step_seed(cfg, i))
+        rewards = common.rewards_of(run, rb)
+        teacher = pool.score(rb.tokens, rb.domain, loss_cfg)
+        batch = {"tokens": rb.tokens, "mask": rb.response_mask.astype(np.int32),
+                 "domain": run.domain_ids(rb.domain), "sampler_logp": rb.logprobs,
+                 "teacher": teacher, "reward": rewards}
+        if n >= 2:
+            batch["orm_adv"] = group_advantages_np(rewards, n, normalize_std=True)
+        for d in rb.domain:
+            run.samples[d] = run.samples.get(d, 0) + 1
+        host = {f"samples/{d}": float(c) for d, c in sorted(run.samples.items())}
+        if teacher.logp_BT is not None:
+            _log_teacher_kl(pool, rb, teacher.logp_BT)
+            host.update({f"mopd/initial_kl/{t}": kl for t, kl in pool.initial_kl.items()})
+        state, metrics = step(state, batch)
+        rows = None
+        if store is not None:
+            t_logp = None
+            if teacher.logp_BT is not None:  # aligned with tokens: position t scores token t
+                t_logp = np.pad(teacher.logp_BT, ((0, 0), (1, 0)), constant_values=np.nan)
+            rows = dict(tokens=rb.tokens, prompt_len=rb.prompt_lengths, length=rb.lengths,
+                        sampler_logp=rb.logprobs, teacher_logp=t_logp, reward=rewards,
+                        domains=list(rb.domain))
+        return state, metrics, host, rows
+
+    state = common.train_loop(run, state, step_fn, pipeline=pipeline,
+                              total_steps=cfg.optimizer.total_steps, resume=resume,
+                              prefix="mopd", store=store)
+    if not run.stopped:
+        common.export_student(run, state["params"])
+    run.final_params = state["params"]
+    return run
+
+
+def _log_teacher_kl(pool, rb, teacher_logp_BT1) -> None:
+    """Per-teacher mean per-token KL estimate (mu - teacher log-prob on response tokens)."""
+    mask = rb.response_mask[:, 1:]
+    diff = np.where(mask, rb.logprobs[:, 1:] - teacher_logp_BT1, 0.0)
+    names = pool.route(rb.domain)
+    out = {}
+    for t in set(names):
+        rows = np.asarray([i for i, x in enumerate(names) if x == t])
+        out[t] = float(diff[rows].sum() / max(mask[rows].sum(), 1))
+    pool.log_initial_kl(out)

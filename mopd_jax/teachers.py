@@ -1,0 +1,161 @@
+"""Teacher pool: hard per-sample routing by domain and batched teacher scoring.
+
+Every rollout goes to the teacher of its prompt's domain (no averaging). A domain without a
+teacher goes to ``fallback`` when one is set, else it is an error. ``'self'`` names the frozen
+initial student (pi_0), MiMo's anti-regression anchor. Teachers share the student's graph, so
+one compiled ``score_step`` serves all of them; rows are grouped per teacher and padded to a
+power-of-two row bucket so a handful of shapes cover every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from mopd_jax import sharding as shd
+from mopd_jax.losses import DistillLossConfig, TeacherScores
+from mopd_jax.steps import score_step
+
+SELF = "self"
+FOREIGN_KL = 0.1  # per-token KL above this at the start suggests a teacher of another origin
+
+
+class TeacherError(ValueError):
+    """A teacher is missing, incompatible with the student, or a domain has no teacher."""
+
+
+@dataclasses.dataclass
+class Teacher:
+    name: str  # checkpoint path or 'self'
+    graphdef: object
+    params: object  # on the mesh ('resident') or numpy on the host ('host')
+    vocab_size: int
+
+
+def _source_kwargs(src: str) -> dict:
+    return {"hf": src[3:]} if src.startswith("hf:") else {"checkpoint": src}
+
+
+def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
+                  placement: str = "resident", student_tokenizer=None) -> "TeacherPool":
+    """Load every distinct teacher named in ``routes`` / ``fallback``; check vocabularies.
+
+    ``student`` is ``(graphdef, params, cfg)`` of pi_0; 'self' reuses those params (frozen).
+    """
+    from pathlib import Path
+
+    from mopd_jax.loading import load_model
+
+    s_graphdef, s_params, s_cfg = student
+    names = sorted(set(routes.values()) | ({fallback} if fallback else set()))
+    teachers = {}
+    for name in names:
+        if name == SELF:
+            teachers[name] = Teacher(SELF, s_graphdef, s_params, s_cfg.vocab_size)
+            continue
+        path = name[3:] if name.startswith("hf:") else name
+        if not Path(path).is_dir():
+            domains = sorted(d for d, t in routes.items() if t == name) or ["fallback"]
+            raise TeacherError(f"mopd.teachers: checkpoint {path!r} for {', '.join(domains)} not "
+                               "found; train it first (recipe grpo) or fix the path")
+        loaded = load_model(mesh=mesh, role="teacher", **_source_kwargs(name))
+        if loaded.cfg.vocab_size != s_cfg.vocab_size:
+            raise TeacherError(f"teacher {name}: vocabulary size {loaded.cfg.vocab_size} != "
+                               f"student {s_cfg.vocab_size}; teachers and student must share a "
+                               "tokenizer (same base model)")
+        if (student_tokenizer is not None and loaded.tokenizer is not None
+                and _fingerprint(loaded.tokenizer) != _fingerprint(student_tokenizer)):
+            raise TeacherError(f"teacher {name}: its tokenizer differs from the student's; "
+                               "teachers and student must share a tokenizer (same base model)")
+        params = loaded.params
+        if placement == "host":
+            params = jax.device_get(params)
+        teachers[name] = Teacher(name, loaded.graphdef, params, loaded.cfg.vocab_size)
+    return TeacherPool(dict(routes), fallback or None, teachers, mesh=mesh, placement=placement)
+
+
+def _fingerprint(tok) -> str:
+    probe = "0123456789 abcdefghijklmnopqrstuvwxyz+=:-?.,"
+    return repr(tok.encode(probe))
+
+
+def _bucket(n: int, minimum: int = 8) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+class TeacherPool:
+    """Domain -> teacher routing and scoring (see module docstring)."""
+
+    def __init__(self, routes: dict[str, str], fallback: str | None,
+                 teachers: dict[str, Teacher], *, mesh=None, placement: str = "resident"):
+        self.routes, self.fallback, self.teachers = routes, fallback, teachers
+        self.mesh, self.placement = mesh, placement
+        self.initial_kl: dict[str, float] = {}
+
+    def route(self, domains) -> list[str]:
+        """The teacher name of each sample (hard routing by its domain)."""
+        out = []
+        for d in domains:
+            t = self.routes.get(d, self.fallback)
+            if t is None:
+                raise TeacherError(f"domain {d!r} has no teacher and mopd.fallback is unset; add "
+                                   f"mopd.teachers.{d}=CHECKPOINT or set mopd.fallback=self "
+                                   f"(teachers exist for {sorted(self.routes)})")
+            out.append(t)
+        return out
+
+    def _params_of(self, t: Teacher):
+        if self.placement == "host" and t.name != SELF:
+            return shd.reshard(t.params, self.mesh, "teacher") if self.mesh is not None \
+                else jax.device_put(t.params)
+        return t.params
+
+    def score(self, tokens_BT: np.ndarray, domains, loss_cfg: DistillLossConfig) -> TeacherScores:
+        """Teacher scores of every row from its own domain's teacher (numpy, targets t+1).
+
+        Estimator C also returns ``w`` stacked per teacher [M, D, V] and ``teacher_index_B``.
+        """
+        names = self.route(domains)
+        B = tokens_BT.shape[0]
+        order = sorted(set(names))
+        parts: dict[str, np.ndarray] = {}
+        ws = []
+        for ti, name in enumerate(order):
+            t = self.teachers[name]
+            rows = np.asarray([i for i, n in enumerate(names) if n == name])
+            padded = np.zeros((_bucket(len(rows)), tokens_BT.shape[1]), tokens_BT.dtype)
+            padded[:len(rows)] = tokens_BT[rows]
+            params = self._params_of(t)
+            out = score_step(t.graphdef, params, padded, loss_cfg=loss_cfg)
+            for field, value in out._asdict().items():
+                if value is None or field in ("w", "teacher_index_B"):
+                    continue
+                value = np.asarray(jax.device_get(value))
+                buf = parts.setdefault(field, np.zeros((B, *value.shape[1:]), value.dtype))
+                buf[rows] = value[:len(rows)]
+            if loss_cfg.estimator == "C":
+                ws.append(out.w)
+        scores = TeacherScores(**parts)
+        if loss_cfg.estimator == "C":
+            import jax.numpy as jnp
+            index = np.asarray([order.index(n) for n in names], np.int32)
+            scores = scores._replace(w=jnp.stack(ws), teacher_index_B=index)
+        return scores
+
+    def log_initial_kl(self, kl_by_teacher: Mapping[str, float]) -> None:
+        """Record each teacher's first-step per-token KL; warn when it looks foreign."""
+        for name, kl in kl_by_teacher.items():
+            if name in self.initial_kl:
+                continue
+            self.initial_kl[name] = kl
+            if kl > FOREIGN_KL:
+                print(f"warning: teacher {name}: initial per-token KL to the student is {kl:.3f} "
+                      f"(> {FOREIGN_KL}); teachers from another base model break MOPD (paper: "
+                      "0.04 healthy, 0.19 broken)", file=sys.stderr)
