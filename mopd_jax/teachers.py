@@ -78,6 +78,16 @@ def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
     return TeacherPool(dict(routes), fallback or None, teachers, mesh=mesh, placement=placement)
 
 
+def short_name(name: str) -> str:
+    """A teacher's name for logs: 'self', or its run directory (``runs/x/teacher_add/model`` ->
+    ``teacher_add``)."""
+    from pathlib import Path
+    if name == SELF:
+        return SELF
+    p = Path(name[3:] if name.startswith("hf:") else name)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
 def _fingerprint(tok) -> str:
     probe = "0123456789 abcdefghijklmnopqrstuvwxyz+=:-?.,"
     return repr(tok.encode(probe))

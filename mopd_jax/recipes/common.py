@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -54,6 +55,7 @@ class Run:
     elapsed: float = 0.0  # seconds in train_loop
     final_params: object = None  # trained params when the recipe finished
     samples: dict = dataclasses.field(default_factory=dict)  # rollouts consumed per domain
+    initial_kl: dict = dataclasses.field(default_factory=dict)  # teacher -> first-step KL
 
     def domain_ids(self, names) -> np.ndarray:
         return np.asarray([self.domains.index(d) for d in names], np.int32)
@@ -122,20 +124,25 @@ def load_records(cfg: Config) -> tuple[dict, dict]:
 
 
 def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
-    """Output dir, mesh, tokenizer and data of a run; prints the resolved config."""
-    out = prepare_out_dir(cfg, resume)
-    (out / "config.yaml").write_text(cfgmod.dump_yaml(cfg))
-    if not quiet:
-        print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out}\n"
-              + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
+    """Output dir, mesh, tokenizer and data of a run; prints the resolved config.
+
+    Inputs are validated before anything is written, so a bad config or data file leaves no
+    half-made run directory behind.
+    """
     tok = load_tokenizer(cfg)
     vocab = getattr(tok, "vocab_size", None)
     if vocab is not None and vocab > cfg.model.vocab_size:
         raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"{vocab} ids; use a model whose vocabulary covers the tokenizer")
     train, evals = load_records(cfg)
+    mesh = shd.make_mesh(cfg.mesh)
+    out = prepare_out_dir(cfg, resume)
+    (out / "config.yaml").write_text(cfgmod.dump_yaml(cfg))
+    if not quiet:
+        print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out}\n"
+              + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
     all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
-    return Run(cfg, out, shd.make_mesh(cfg.mesh), tok, all_domains, train, evals)
+    return Run(cfg, out, mesh, tok, all_domains, train, evals)
 
 
 def init_student(run: Run) -> None:
@@ -225,8 +232,11 @@ def evaluate(run: Run, params, domains=None) -> dict[str, float]:
 
 
 def new_train_state(run: Run, params=None):
+    """Optimizer and train state from a copy of pi_0 (the step donates its state; pi_0 stays
+    alive as the 'self' teacher, the KL reference and the engine's shape template)."""
     opt = make_optimizer(run.cfg.optimizer)
-    return opt, init_train_state(run.init_params if params is None else params, opt, run.mesh)
+    params = jax.tree.map(jnp.copy, run.init_params if params is None else params)
+    return opt, init_train_state(params, opt, run.mesh)
 
 
 def compile_train_step(run: Run, opt, objective):
@@ -268,6 +278,8 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     if resume and ckpt.latest_step() is not None:
         start, state, extra = ckpt.restore(abstract_like(state))
         pipeline.set_state(extra["data"])
+        run.samples.update(extra.get("samples", {}))
+        run.initial_kl.update(extra.get("initial_kl", {}))
         print(f"resumed {run.out} at step {start}", file=sys.stderr)
         if store is not None:
             store.truncate_to_step(start)
@@ -275,6 +287,7 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
 
     def save(step, state, force=False):
         ckpt.save(step, state, {"data": pipeline.get_state(), "step": step,
+                                "samples": run.samples, "initial_kl": run.initial_kl,
                                 "config": cfgmod.to_dict(cfg)}, force=force)
 
     pending = None  # (step, device metrics, host metrics): fetched one step late

@@ -16,7 +16,7 @@ from mopd_jax.recipes import common
 from mopd_jax.recipes.grpo import _store, group_advantages_np
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import distill_objective
-from mopd_jax.teachers import SELF, TeacherError, load_teachers
+from mopd_jax.teachers import SELF, TeacherError, load_teachers, short_name
 
 
 def loss_config(run: common.Run) -> DistillLossConfig:
@@ -50,6 +50,7 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
                          mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
+    pool.initial_kl = run.initial_kl  # restored with the checkpoint on --resume
     loss_cfg = loss_config(run)
     n = m.samples_per_prompt
     if loss_cfg.orm_alpha != 0.0 and n < 2:
@@ -106,5 +107,5 @@ def _log_teacher_kl(pool, rb, teacher_logp_BT1) -> None:
     out = {}
     for t in set(names):
         rows = np.asarray([i for i, x in enumerate(names) if x == t])
-        out[t] = float(diff[rows].sum() / max(mask[rows].sum(), 1))
+        out[short_name(t)] = float(diff[rows].sum() / max(mask[rows].sum(), 1))
     pool.log_initial_kl(out)
