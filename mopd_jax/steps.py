@@ -55,13 +55,22 @@ def make_optimizer(ocfg) -> optax.GradientTransformation:
 
 
 def init_train_state(params, optimizer, mesh=None) -> dict:
-    """{'params', 'opt_state', 'step', 'skipped'}; optimizer moments inherit the param
-    shardings, and scalars (counts) are replicated over ``mesh`` when one is given."""
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params),
+    """{'params', 'opt_state', 'step', 'skipped'}; optimizer moments take the param shardings
+    and scalars (counts) are replicated over ``mesh`` when one is given."""
+    if mesh is None:
+        opt_state = jax.jit(optimizer.init)(params)
+    else:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # zeros_like(params) inside jit would otherwise come out replicated on every device.
+        shardings = optax.tree_utils.tree_map_params(
+            optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params),
+            jax.tree.map(lambda x: x.sharding, params),
+            transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings)(params)
+    state = {"params": params, "opt_state": opt_state,
              "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return state
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
                         else jax.device_put(x, replicated), state)
 

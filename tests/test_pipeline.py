@@ -239,3 +239,14 @@ def test_quick_demo_produces_the_table_and_report(tmp_path):
     assert "| add |" in report and "mopd_kl.png" in report
     assert (tmp_path / "demo" / "mopd_kl.png").stat().st_size > 1000
     assert "mean normalised score" in out
+
+    rc, out, err = finished(mopd("inspect", str(tmp_path / "demo" / "mopd"), "--samples", "2"))
+    assert rc == 0, err[-3000:]
+    assert "rollouts:" in out and "add" in out and "prompt:   add:" in out
+    rc, out, err = finished(mopd("eval", str(tmp_path / "demo" / "mopd" / "config.yaml"),
+                                 "--checkpoint", str(tmp_path / "demo" / "mopd" / "model"),
+                                 "--json", str(tmp_path / "eval.json")))
+    assert rc == 0, err[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    want = {r["domain"]: r["student"] for r in res["rows"]}
+    assert scores == pytest.approx(want)

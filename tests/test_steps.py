@@ -124,3 +124,19 @@ def test_sft_step_lowers_nll(setup):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_optimizer_moments_take_the_param_shardings():
+    from models.config import preset
+    from models.qwen3 import Transformer
+    from mopd_jax.config import OptimizerConfig
+
+    mesh = make_mesh({"fsdp": 2, "tensor": 4})
+    _, params = init_sharded(lambda: Transformer(preset("tiny"), nnx.Rngs(0)), mesh, "train")
+    state = init_train_state(params, make_optimizer(OptimizerConfig(lr=1e-3)), mesh)
+    adam = state["opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+    for p, mu, nu in zip(jax.tree.leaves(params), jax.tree.leaves(adam.mu),
+                         jax.tree.leaves(adam.nu)):
+        assert mu.sharding.is_equivalent_to(p.sharding, p.ndim), (mu.sharding, p.sharding)
+        assert nu.sharding.is_equivalent_to(p.sharding, p.ndim)
+    assert any(len(p.sharding.spec) and any(p.sharding.spec) for p in jax.tree.leaves(params))
