@@ -21,8 +21,8 @@ DEMO_CONFIG = resources.files("mopd_jax") / "assets" / "demo.yaml"
 
 # Step counts and sizes per mode. Full: about 10 minutes on a 2-core CPU.
 MODES = {
-    "full": {"sft": 400, "sft_lr": 3e-3, "grpo": 150, "grpo_lr": 2e-3, "mopd": 150,
-             "mopd_lr": 1e-3, "eval_size": 256, "builtin_size": 4000},
+    "full": {"sft": 400, "sft_lr": 3e-3, "grpo": 150, "grpo_lr": 1e-3, "mopd": 300,
+             "mopd_lr": 2e-3, "eval_size": 256, "builtin_size": 4000},
     "quick": {"sft": 60, "sft_lr": 3e-3, "grpo": 3, "grpo_lr": 1e-3, "mopd": 4,
               "mopd_lr": 1e-3, "eval_size": 16, "builtin_size": 600},
 }
