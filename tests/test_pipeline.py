@@ -173,9 +173,10 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-def _wait_for(path: Path, p, timeout=400):
+def _wait_for(path: Path, p, timeout=400, lines=0):
+    """Until ``path`` exists (and has ``lines`` lines), failing if the process ends first."""
     t0 = time.time()
-    while not path.exists():
+    while not path.exists() or (lines and len(path.read_text().splitlines()) < lines):
         if p.poll() is not None:
             raise AssertionError(p.communicate())
         if time.time() - t0 > timeout:
@@ -213,7 +214,7 @@ def test_sigterm_saves_a_usable_checkpoint(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", small_config(
         tmp_path / "run", run={"checkpoint_every": 100}, optimizer={"total_steps": 200}))
     p = mopd("train", str(cfg))
-    _wait_for(tmp_path / "run" / "metrics.jsonl", p)
+    _wait_for(tmp_path / "run" / "metrics.jsonl", p, lines=1)  # inside the training loop
     p.send_signal(signal.SIGTERM)
     rc, out, err = finished(p)
     assert rc == 130, err[-3000:]
