@@ -73,9 +73,30 @@ def _split_cols(w, c, C):
     return w.reshape(w.shape[:-1] + (c, C))
 
 
+def _index(x, i, axis):
+    """x's slice i along axis (dropped), 16-bit floats sliced as raw bits on CPU.
+
+    XLA:CPU runs a bf16 dynamic-slice in fp32, converting the whole operand; inside the chunk
+    loops that convert is loop-invariant, so it is hoisted into an fp32 copy of every lm_head
+    and hidden-state operand (2x their size, for nothing). Slicing the uint16 bits is exact and
+    keeps the copy 16-bit; other platforms slice bf16 natively and take the plain path.
+    """
+    def plain(x, i):
+        return jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)
+
+    if not (jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2):
+        return plain(x, i)
+
+    def bits(x, i):
+        u = plain(jax.lax.bitcast_convert_type(x, jnp.uint16), i)
+        return jax.lax.bitcast_convert_type(u, x.dtype)
+
+    return jax.lax.platform_dependent(x, i, cpu=bits, default=plain)
+
+
 def _take(tree, i):
     """Row chunk i of [n, S, ...] arrays."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), tree)
+    return jax.tree.map(lambda x: _index(x, i, 1), tree)
 
 
 def _put(tree, part, i):
@@ -88,7 +109,7 @@ def _logits(h_nD, w_cC, j, V, inv_temp, which_n=None):
     Returns (logits_nc, ids_c, valid_c, w_c) with padded columns at PAD_LOGIT.
     """
     c, C = w_cC.shape[-2:]
-    w_c = jax.lax.dynamic_index_in_dim(w_cC, j, w_cC.ndim - 1, keepdims=False)
+    w_c = _index(w_cC, j, w_cC.ndim - 1)
     ids_c = jnp.arange(c) * C + j
     valid_c = ids_c < V
     if w_c.ndim == 2:
@@ -225,31 +246,35 @@ def vocab_reduce(
         # Padded rows get zero cotangents, so they add nothing to dw.
         lse_nS, tlse_nS, gp_nS, g_nS = _split_rows((lse_N, tlse_N, gp_N, g_outs), n, S)
 
-        def seq_body(i, carry):
+        # Vocabulary chunks outside, token chunks inside: each dw column chunk is summed in fp32
+        # over the token chunks and stored once in lm_head's dtype, so the only fp32 accumulator
+        # spanning the loops is dh [N, D], not dw [D, V]. Same sums in the same order as a
+        # token-outer loop, so the gradients are bit-identical to it.
+        def vocab_body(j, carry):
             dh_nSD, dw_DcC = carry
-            h_nD, aux_n, lse_n, gp_n, g_n = _take((h_nSD, aux_nS, lse_nS, gp_nS, g_nS), i)
-            teacher_n = teacher_chunk(teacher, tlse_nS, i)
 
-            def vocab_body(j, carry):
-                dh_nD, dw_DcC = carry
-                t, w_Dc = tile(h_nD, w_DcC, lse_n, teacher_n, j)
+            def seq_body(i, carry):
+                dh_nSD, dw_Dc = carry
+                h_nD, aux_n, lse_n, gp_n, g_n = _take((h_nSD, aux_nS, lse_nS, gp_nS, g_nS), i)
+                t, w_Dc = tile(h_nD, w_DcC, lse_n, teacher_chunk(teacher, tlse_nS, i), j)
                 _, vjp = jax.vjp(lambda a: fn(t._replace(logp_nc=a), aux_n), t.logp_nc)
                 dl_nc = vjp(g_n)[0] + jnp.exp(t.logp_nc) * gp_n[:, None]
                 dz_nc = jnp.where(t.valid_c, dl_nc, 0.0) * inv_s
-                dh_nD = dh_nD + jnp.dot(dz_nc, w_Dc.T, preferred_element_type=jnp.float32)
-                dw_Dc = jnp.dot(h_nD.T, dz_nc, preferred_element_type=jnp.float32)
-                dw_Dc = jax.lax.dynamic_index_in_dim(dw_DcC, j, 2, keepdims=False) + dw_Dc
-                return dh_nD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
+                dh_nD = _take(dh_nSD, i) + jnp.dot(dz_nc, w_Dc.T,
+                                                   preferred_element_type=jnp.float32)
+                dw_Dc = dw_Dc + jnp.dot(h_nD.T, dz_nc, preferred_element_type=jnp.float32)
+                return _put(dh_nSD, dh_nD, i), dw_Dc
 
-            dh_nD, dw_DcC = jax.lax.fori_loop(
-                0, C, vocab_body, (jnp.zeros(h_nD.shape, jnp.float32), dw_DcC))
-            return _put(dh_nSD, dh_nD, i), dw_DcC
+            dw_Dc = jnp.zeros(w_DcC.shape[:-1], jnp.float32)
+            dh_nSD, dw_Dc = jax.lax.fori_loop(0, S, seq_body, (dh_nSD, dw_Dc))
+            dw_Dc = dw_Dc.astype(w_DcC.dtype)
+            return dh_nSD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
 
-        init = (jnp.zeros(h_nSD.shape, jnp.float32), jnp.zeros(w_DcC.shape, jnp.float32))
-        dh_nSD, dw_DcC = jax.lax.fori_loop(0, S, seq_body, init)
+        init = (jnp.zeros(h_nSD.shape, jnp.float32), jnp.zeros(w_DcC.shape, w_DcC.dtype))
+        dh_nSD, dw_DcC = jax.lax.fori_loop(0, C, vocab_body, init)
         dh_ND = _merge_rows(dh_nSD, N)
         dw_DV = dw_DcC.reshape(w_DcC.shape[0], -1)[:, :V]
-        return dh_ND.astype(h_ND.dtype), dw_DV.astype(w_DV.dtype), None, None
+        return dh_ND.astype(h_ND.dtype), dw_DV, None, None
 
     reduce.defvjp(reduce_fwd, reduce_bwd)
     return reduce(h_ND, w_DV, jax.lax.stop_gradient(aux), jax.lax.stop_gradient(teacher))

@@ -55,7 +55,7 @@ def run(args) -> dict:
     dom = jax.ShapeDtypeStruct((B,), jnp.int32)
     res = {}
     print(f"loss + grad(h, lm_head) memory, B={B} T={T} D={D} V={V} bf16 inputs, fp32 softmax "
-          f"({jax.devices()[0].device_kind})")
+          f"({jax.devices()[0].device_kind}); target chunked/naive <= 5%")
     print(f"  {'estimator':10} {'chunked temp':>14} {'naive temp':>14} {'ratio':>8}")
     for est in ("A", "B", "C"):
         cfg = DistillLossConfig(estimator=est, topk=args.topk, vocab_chunk=args.vocab_chunk,

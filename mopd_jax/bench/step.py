@@ -1,0 +1,240 @@
+"""``mopd bench step``: student train-step tokens/s and achieved FLOP/s against the machine's
+peak matmul FLOP/s and against ``transformers``, all measured in one run on identical weights.
+
+One ``make_train_step`` step (forward, chunked loss, backward, global-norm clip, AdamW) on B
+random sequences of T positions, timed after a warm-up (best of ``--iters``):
+
+* peak: a jitted ``jnp.dot`` of two ``--peak-size``^2 matrices of ``--dtype`` on the device;
+* FLOPs: the analytic model count ``6 * active matmul params * tokens + 12 * L * H * Hd * T *
+  tokens`` (PaLM, appendix B: the lm_head counts, the embedding lookup does not, the chunked
+  loss's logit recomputation is not credited). The % of peak uses this count. XLA's
+  ``cost_analysis()`` of the compiled step is printed beside it, but XLA counts a while loop's
+  body once, not once per trip, so it undercounts the chunked lm_head loops;
+* ref: ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` (eager PyTorch) on the same weights
+  (converted with ``models.hf``), the same loss on full [B, T, V] logits, ``backward()``, then
+  ``clip_grad_norm_`` and ``AdamW.step()``: the work of our step. Its fwd+bwd time alone is
+  printed too; the first-step losses of both are compared (they see the same initial params).
+
+Targets: >= 40% of peak, >= 1x transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig, preset
+from models.qwen3 import Transformer
+from mopd_jax.config import OptimizerConfig
+from mopd_jax.losses import DistillLossConfig, TeacherScores
+from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
+                            sft_objective)
+
+TARGET_PCT_PEAK, TARGET_X_TORCH = 40.0, 1.0
+TORCH_HINT = "pip install 'mopd-jax[test]' (torch, transformers)"
+
+
+def add_parser(sub):
+    p = sub.add_parser("step", help="train-step tokens/s, % of peak matmul FLOP/s, x transformers",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-0.6b", help="model preset")
+    p.add_argument("--layers", type=int, default=2,
+                   help="decoder blocks (fewer = quicker on CPU; 0 keeps the preset's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128, help="positions per sequence (model input)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps (best is kept)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="params, activations and the peak probe")
+    p.add_argument("--objective", choices=["sft", "mopd-A"], default="sft",
+                   help="sft: cross-entropy; mopd-A: estimator A on fake teacher log-probs")
+    p.add_argument("--peak-size", type=int, default=4096, help="matrix side of the peak probe")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(run=run)
+
+
+def _best(fn, iters):
+    best, out = float("inf"), None
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def measure_peak_flops(n: int, dtype: str, iters: int = 3) -> float:
+    """FLOP/s of a jitted n x n by n x n ``jnp.dot`` in ``dtype`` (best of iters)."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    t, _ = _best(lambda: jax.block_until_ready(dot(a, b)), iters)
+    return 2 * n**3 / t
+
+
+def active_matmul_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies through: attention and MLP projections of every layer
+    (router plus k experts in MoE layers) and the lm_head; no embedding lookup, no norms."""
+    D, Hd = cfg.hidden_size, cfg.head_dim
+    total = D * cfg.vocab_size
+    for i in range(cfg.num_layers):
+        total += D * Hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+        if cfg.is_moe_layer(i):
+            k, F = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+            total += D * cfg.num_experts + 3 * k * D * F
+        else:
+            total += 3 * D * cfg.intermediate_size
+    return total
+
+
+def model_flops(cfg: ModelConfig, B: int, T: int) -> float:
+    """Analytic FLOPs of one training step (forward + backward) on B x T positions."""
+    attn = sum(12 * cfg.num_heads * cfg.head_dim
+               * (T if cfg.layer_type(i) == "full" else min(T, cfg.sliding_window))
+               for i in range(cfg.num_layers))
+    return (6 * active_matmul_params(cfg) + attn) * B * T
+
+
+def make_batch(cfg: ModelConfig, B: int, T: int, objective: str, seed: int = 0) -> dict:
+    """Random tokens [B, T + 1] (the model sees T positions), every target trained; mopd-A gets
+    fake teacher log-probs of the targets."""
+    rng = np.random.default_rng(seed)
+    batch = {"tokens": jnp.asarray(rng.integers(1, cfg.vocab_size, (B, T + 1)), jnp.int32),
+             "mask": jnp.ones((B, T + 1), jnp.float32), "domain": jnp.zeros((B,), jnp.int32)}
+    if objective == "mopd-A":
+        t_lp = -rng.exponential(np.log(cfg.vocab_size), (B, T)).astype(np.float32)
+        batch["teacher"] = TeacherScores(logp_BT=jnp.asarray(t_lp))
+    return batch
+
+
+def run(args) -> dict:
+    over = dict(dtype=args.dtype, param_dtype=args.dtype)
+    if args.layers:
+        over["num_layers"] = args.layers
+    cfg = preset(args.model, **over)
+    B, T = args.batch, args.seq
+    device = jax.devices()[0]
+    peak = measure_peak_flops(args.peak_size, args.dtype)
+
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    batch = make_batch(cfg, B, T, args.objective)
+    torch_ref = None if args.no_hf else _torch_reference(params, cfg, batch, args)
+
+    objective = (sft_objective() if args.objective == "sft"
+                 else distill_objective(DistillLossConfig(estimator="A")))
+    opt = make_optimizer(OptimizerConfig())
+    state = init_train_state(params, opt)
+    del params
+    step = make_train_step(graphdef, opt, objective).lower(state, batch).compile()
+    xla_flops = (step.cost_analysis() or {}).get("flops", float("nan"))
+
+    state, m = step(state, batch)  # warm-up; its loss is at the initial params
+    first_loss = float(m["loss"])
+
+    def one():
+        nonlocal state
+        state, m = step(state, batch)
+        return jax.block_until_ready(m["loss"])
+
+    t, _ = _best(one, args.iters)
+    flops = model_flops(cfg, B, T)
+    res = {"model": cfg.name, "layers": cfg.num_layers, "batch": B, "seq": T,
+           "dtype": args.dtype, "objective": args.objective, "device": device.device_kind,
+           "active_params": active_matmul_params(cfg), "peak_flops": peak, "step_s": t,
+           "tok_s": B * T / t, "model_flops": flops, "xla_flops": xla_flops,
+           "achieved_flops": flops / t, "pct_peak": 100 * flops / t / peak,
+           "loss": first_loss}
+    if torch_ref is not None:
+        res.update(torch_ref)
+        res["x_torch"] = torch_ref["torch_step_s"] / t
+    _print(res, args.peak_size, torch_ref is None and not args.no_hf)
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+def _print(r, peak_size, torch_missing):
+    print(f"train step, {r['model']} ({r['layers']} layers, {r['active_params'] / 1e6:.1f}M "
+          f"active matmul params), B={r['batch']} T={r['seq']}, {r['dtype']}, "
+          f"{r['objective']}, {r['device']}")
+    print(f"  peak matmul ({peak_size}^2 {r['dtype']} jnp.dot): {r['peak_flops'] / 1e9:10.1f} "
+          f"GFLOP/s")
+    print(f"  ours : {r['step_s'] * 1e3:9.1f} ms/step {r['tok_s']:9.1f} tok/s   "
+          f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {r['pct_peak']:.1f}% of peak "
+          f"(target >= {TARGET_PCT_PEAK:.0f}%)")
+    print(f"         FLOPs/step: analytic {r['model_flops'] / 1e9:.2f} G (used for % of peak), "
+          f"XLA cost_analysis {r['xla_flops'] / 1e9:.2f} G (loop bodies counted once)")
+    if "torch_step_s" in r:
+        print(f"  torch: {r['torch_step_s'] * 1e3:9.1f} ms/step {r['torch_tok_s']:9.1f} tok/s   "
+              f"(fwd+bwd {r['torch_fwd_bwd_s'] * 1e3:.1f} ms, + clip + AdamW)")
+        print(f"  ours / torch: {r['x_torch']:.2f}x (target >= {TARGET_X_TORCH:.0f}x)   "
+              f"first-step loss ours {r['loss']:.6f} torch {r['torch_loss']:.6f}")
+    elif torch_missing:
+        print(f"  torch: skipped, torch/transformers not installed ({TORCH_HINT})")
+
+
+# ------------------------------------------------------------------------------ reference
+def _torch_reference(params, cfg, batch, args) -> dict | None:
+    """Seconds per transformers train step (same loss, clip and AdamW) and its first loss."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    import tempfile
+
+    from models.hf import save_hf
+
+    # Through a checkpoint, not load_state_dict: transformers converts the Hub layout on load
+    # (fused MoE expert tensors), and from_pretrained reports any weight it did not fill.
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(params, cfg, tmp)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=tdtype)
+    model.train()
+    ocfg = OptimizerConfig()
+    opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2),
+                            eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+
+    tokens = torch.from_numpy(np.array(batch["tokens"])).long()
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = torch.from_numpy(np.array(batch["mask"]))[:, 1:]
+    t_lp = (torch.from_numpy(np.array(batch["teacher"].logp_BT))
+            if args.objective == "mopd-A" else None)
+
+    def loss_fn():
+        logp = torch.log_softmax(model(input_ids=inputs).logits.float(), -1)
+        lp = logp.gather(-1, targets[..., None])[..., 0]
+        if t_lp is None:  # sft_loss: token_mean cross-entropy
+            return -(lp * mask).sum() / mask.sum()
+        # estimator A, seq_mean, no sampler log-probs: -c * clip(t - sg(lp), +-a_max) * lp
+        c = mask / mask.sum(-1, keepdim=True).clamp(min=1) / mask.shape[0]
+        adv = (t_lp - lp.detach()).clamp(-5.0, 5.0)
+        return -(c * adv * lp).sum()
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    def train_step():
+        loss = fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.clip_norm)
+        opt.step()
+        return loss
+
+    first_loss = train_step().item()  # warm-up, at the initial params
+    t_step, _ = _best(train_step, args.iters)
+    t_fb, _ = _best(fwd_bwd, args.iters)
+    B, T = inputs.shape
+    return {"torch_step_s": t_step, "torch_fwd_bwd_s": t_fb, "torch_tok_s": B * T / t_step,
+            "torch_loss": first_loss}
