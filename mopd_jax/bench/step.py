@@ -41,7 +41,7 @@ TORCH_HINT = "pip install 'mopd-jax[test]' (torch, transformers)"
 
 
 def add_parser(sub):
-    p = sub.add_parser("step", help="train-step tokens/s, % of peak matmul FLOP/s, x transformers",
+    p = sub.add_parser("step", help="train-step tokens/s, %% of peak matmul FLOP/s, x transformers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="model preset")
     p.add_argument("--layers", type=int, default=2,
