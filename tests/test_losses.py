@@ -108,8 +108,7 @@ def test_backward_never_holds_a_tokens_by_vocab_array():
     f = lambda h, w: chunked.chunked_reverse_kl(  # noqa: E731
         h, w, h, w, vocab_chunk=512, seq_chunk=32).sum()
     stats = jax.jit(jax.grad(f, (0, 1))).lower(h, w).compile().memory_analysis()
-    if stats is None:
-        pytest.skip("backend reports no memory analysis")
+    assert stats is not None, "XLA:CPU reports memory_analysis; the tests run on CPU"
     assert stats.temp_size_in_bytes < n * v * 4 / 4
 
 
