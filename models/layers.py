@@ -17,7 +17,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 
-Cache = dict  # {'k': [B, S, K, Hd], 'v': [B, S, K, Hd]} for one layer
+Cache = dict  # {'k': [B, K, S, Hd], 'v': [B, K, S, Hd]} for one layer
 
 _ACTIVATION_RULES: list[Callable] = []
 
@@ -84,6 +84,19 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _project_heads(x_BTD, w_DNH):
+    """x @ w for a [D, N, Hd] head projection, as one 2-D matmul.
+
+    Written as ``einsum('btd,dnh->btnh')`` XLA:CPU ran a 28-layer Qwen3-0.6B decode step's
+    q/k/v/o projections at 6.7 GB/s instead of 23 (the weights merge into [D, N*Hd] for free).
+    """
+    D, N, Hd = w_DNH.shape
+    return (x_BTD @ w_DNH.reshape(D, N * Hd)).reshape(*x_BTD.shape[:-1], N, Hd)
+
+
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of a KV cache leaf
+
+
 class Attention(nnx.Module):
     """GQA self-attention with QK-norm, optional sliding window and sink; owns the KV cache."""
 
@@ -105,9 +118,14 @@ class Attention(nnx.Module):
     # The one KV-cache definition, used by prefill and decode alike.
     @staticmethod
     def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-        """Zeroed cache for ``batch`` rows of ``max_len`` positions; position p lives at index p."""
+        """Zeroed cache for ``batch`` rows of ``max_len`` positions; position p lives at index p.
+
+        Layout [B, K, S, Hd] (logical ``CACHE_AXES``): batch and kv-head lead, as the attention
+        dots want them. With [B, S, K, Hd] XLA transposed the whole cache of every layer at
+        every decode step.
+        """
         dtype = dtype or dtype_of(cfg.dtype)
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, x_BTD, positions_BT, cache: Cache | None = None,
@@ -120,9 +138,9 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         dt = x_BTD.dtype
-        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dnh->btnh", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dnh->btnh", x_BTD, self.v_proj[...].astype(dt))
+        q = _project_heads(x_BTD, self.q_proj[...].astype(dt))
+        k = _project_heads(x_BTD, self.k_proj[...].astype(dt))
+        v = _project_heads(x_BTD, self.v_proj[...].astype(dt))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions_BT, cfg.rope_theta)
@@ -130,16 +148,17 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "q_heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
 
+        k_BKTd, v_BKTd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is None:
-            keys, values, k_pos_BS = k, v, positions_BT
+            keys, values, k_pos_BS = k_BKTd, v_BKTd, positions_BT
             new_cache = None
         else:
             start_B = positions_BT[:, 0]
-            write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 0))
-            keys = write(cache["k"], k.astype(cache["k"].dtype), start_B)
-            values = write(cache["v"], v.astype(cache["v"].dtype), start_B)
+            write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 1))
+            keys = write(cache["k"], k_BKTd.astype(cache["k"].dtype), start_B)
+            values = write(cache["v"], v_BKTd.astype(cache["v"].dtype), start_B)
             new_cache = {"k": keys, "v": values}
-            S = keys.shape[1]
+            S = keys.shape[2]
             k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype),
                                         (x_BTD.shape[0], S))
             keys, values = keys.astype(dt), values.astype(dt)
@@ -152,15 +171,16 @@ class Attention(nnx.Module):
         if kv_valid_BS is not None and cache is None:
             mask_BTS &= kv_valid_BS[:, None, :]
         out = self._attend(q, keys, values, mask_BTS)
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        B, T, H, Hd = out.shape
+        y = out.reshape(B, T, H * Hd) @ self.o_proj[...].astype(dt).reshape(H * Hd, -1)
         return constrain(y, ("batch", "length", "embed")), new_cache
 
-    def _attend(self, q_BTHd, k_BSKd, v_BSKd, mask_BTS):
+    def _attend(self, q_BTHd, k_BKSd, v_BKSd, mask_BTS):
         cfg = self.cfg
         B, T, H, Hd = q_BTHd.shape
         K = cfg.num_kv_heads
         q = q_BTHd.reshape(B, T, K, H // K, Hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKd,
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSd,
                             preferred_element_type=jnp.float32) / math.sqrt(Hd)
         scores = jnp.where(mask_BTS[:, None, None], scores, -jnp.inf)
         if self.sinks is not None:
@@ -170,7 +190,7 @@ class Attention(nnx.Module):
             probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
         else:
             probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKd.dtype), v_BSKd)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_BKSd.dtype), v_BKSd)
         return out.reshape(B, T, H, Hd)
 
 

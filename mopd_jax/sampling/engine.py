@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from models.layers import CACHE_AXES
 from mopd_jax.sampling.sampler import SamplingParams, sample_logits
 
 Params = Any
@@ -67,7 +68,7 @@ class ResultTokens:
 
 @struct.dataclass
 class Prefix:
-    """One prefilled request: its KV cache [1, bucket, K, Hd] per layer and n first tokens."""
+    """One prefilled request: its KV cache [1, K, bucket, Hd] per layer and n first tokens."""
 
     cache: list
     length: jax.Array       # [] int32: true prompt length
@@ -86,7 +87,7 @@ class Prefix:
 class DecodeState:
     """Everything ``generate`` transforms; one row per slot."""
 
-    cache: list             # per layer {'k','v': [S, max_target_length, K, Hd]}
+    cache: list             # per layer {'k','v': [S, K, max_target_length, Hd]}
     tokens: jax.Array       # [S] last sampled token (at ``pos``, not yet cached)
     pos: jax.Array          # [S] its position
     generated: jax.Array    # [S] tokens generated so far
@@ -191,7 +192,7 @@ class Engine:
             return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, "sample"))
 
         S = self._slots
-        kv = [{k: sh(("batch", "length", "kv_heads", "head_dim"), v.shape)
+        kv = [{k: sh(CACHE_AXES, v.shape)
                for k, v in layer.items()} for layer in self._cache_abstract]
         row, row2 = sh(("batch",), (S,)), sh(("batch", None), (S, 2))
         return DecodeState(cache=kv, tokens=row, pos=row, generated=row, max_new=row,
