@@ -75,7 +75,9 @@ class DistillLossConfig:
     dn_clip: tuple[float, float] = (0.25, 4.0)
     """Bounds of the DN-MOPD scale."""
     teacher_temperature: float = 1.0
-    """Sampling temperature; teacher logits are divided by it."""
+    """Sampling temperature T: teacher *and* student logits are divided by it, so the student
+    side (its log-probs, the IS ratio against the sampler's log softmax(z/T), the KL) is the
+    distribution the rollouts were drawn from."""
     vocab_chunk: int = 8192
     """Vocabulary columns per tile of the chunked log-softmax."""
     seq_chunk: int = 1024
@@ -306,6 +308,9 @@ def distill_loss(cfg: DistillLossConfig, student_h_BTD, student_w_DV, teacher: T
         raise ValueError(f"estimator {cfg.estimator} needs TeacherScores.{', .'.join(missing)}; "
                          "build it with score_teacher(cfg, ...)")
     B, T, _ = student_h_BTD.shape
+    if cfg.teacher_temperature != 1.0:  # (h / T) @ W = logits / T: the sampled distribution
+        student_h_BTD = student_h_BTD / jnp.asarray(cfg.teacher_temperature,
+                                                    student_h_BTD.dtype)
     h_ND, tok_N1 = student_h_BTD.reshape(B * T, -1), batch.tokens_BT.reshape(B * T, 1)
     kw = dict(vocab_chunk=cfg.vocab_chunk, seq_chunk=cfg.seq_chunk)
 

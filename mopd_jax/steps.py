@@ -116,8 +116,10 @@ def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: floa
 
 def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
                    aggregation: str = "seq_mean", num_domains: int = 1,
-                   vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0):
-    """PPO-clip GRPO loss on rollouts.
+                   vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0,
+                   temperature: float = 1.0):
+    """PPO-clip GRPO loss on rollouts, the policy's log-probs under softmax(logits / temperature)
+    (the rollout temperature, so the ratio to the sampler's log-probs is 1 before the update).
 
     batch: tokens [B, T], mask [B, T], domain [B], old_logp [B, T] (the sampler's log-probs:
     one update per batch, so the behaviour policy is the sampler), adv [B], reward [B], and
@@ -129,7 +131,8 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
         tokens = batch["tokens"]
         hidden, _, aux = model(tokens[:, :-1])
         logp = chunked_token_logprobs(hidden, model.lm_head_weight(), tokens[:, 1:],
-                                      vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+                                      temperature=temperature, vocab_chunk=vocab_chunk,
+                                      seq_chunk=seq_chunk)
         ref = batch.get("ref_logp")
         loss, metrics = grpo_loss(logp, batch["old_logp"][:, 1:], batch["adv"],
                                   batch["mask"][:, 1:], batch.get("domain"),

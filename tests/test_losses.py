@@ -1,5 +1,6 @@
 """Losses: chunked == naive full softmax, estimator properties, weighting, metrics, GRPO."""
 
+import dataclasses
 import functools
 import math
 
@@ -185,12 +186,13 @@ def test_exact_reverse_kl_matches_naive_value_and_gradient():
     loss, metrics, grads = run_loss("C", h, w, th, tw, batch)
 
     def naive(h, w):
-        return seq_mean(reverse_kl_BT(naive_logp(h, w), naive_logp(th, tw, 1.3)), batch.mask_BT)
+        return seq_mean(reverse_kl_BT(naive_logp(h, w, 1.3), naive_logp(th, tw, 1.3)),
+                        batch.mask_BT)
 
     close(loss, naive(h, w))
     for got, want in zip(grads, jax.jit(jax.grad(naive, (0, 1)))(h, w)):
         close(got, want, GTOL)
-    kl_BT = reverse_kl_BT(naive_logp(h, w), naive_logp(th, tw, 1.3))  # metric: mean over tokens
+    kl_BT = reverse_kl_BT(naive_logp(h, w, 1.3), naive_logp(th, tw, 1.3))  # metric: token mean
     close(metrics["kl"], (kl_BT * batch.mask_BT).sum() / batch.mask_BT.sum())
 
 
@@ -202,7 +204,7 @@ def test_sampled_and_topk_estimators_match_their_definitions(name):
     tok = batch.tokens_BT[..., None]
 
     def naive(h, w):
-        s_all = naive_logp(h, w)
+        s_all = naive_logp(h, w, 1.3)  # the student too is at the sampling temperature
         s = jnp.take_along_axis(s_all, tok, -1)[..., 0]
         if name == "A":
             adv = jnp.clip(jnp.take_along_axis(t_all, tok, -1)[..., 0] - s, -5.0, 5.0)
@@ -248,7 +250,7 @@ def test_stacked_teacher_heads_route_per_sequence():
     teacher = TeacherScores(hidden_BTD=th, w=tw_MDV)  # routed by batch.domain_ids_B
     (loss, _), _ = distill(config("C"), h, w, teacher, batch)
     b = jnp.einsum("btd,bdv->btv", th, tw_MDV[batch.domain_ids_B]) / 1.3
-    close(loss, seq_mean(reverse_kl_BT(naive_logp(h, w), jax.nn.log_softmax(b, -1)),
+    close(loss, seq_mean(reverse_kl_BT(naive_logp(h, w, 1.3), jax.nn.log_softmax(b, -1)),
                          batch.mask_BT))
 
 
@@ -343,11 +345,22 @@ def test_topk_minimiser_on_teacher_support_is_the_teacher():
 @pytest.mark.parametrize("name", ["A", "B", "C", "forward_kl", "jsd"])
 def test_student_equal_to_teacher_gives_zero_loss_and_gradient(name):
     h, w, _, _, batch = problem()
-    # The teacher is scored at temperature 1.3: give it logits 1.3x the student's.
-    loss, _, grads = run_loss(name, h, w, h * (1.3 if name in "ABC" else 1.0), w, batch)
+    # A, B, C divide student and teacher logits by the sampling temperature (1.3) alike.
+    loss, _, grads = run_loss(name, h, w, h, w, batch)
     close(loss, 0.0)
     for g in grads:
         close(g, jnp.zeros_like(g), GTOL)
+
+
+@pytest.mark.parametrize("name", ["A", "B", "C"])
+def test_student_side_is_at_the_sampling_temperature(name):
+    """The sampler logs log softmax(z / T): on the same weights every IS ratio is exactly 1."""
+    h, w, th, tw, batch = problem()
+    mu = jnp.take_along_axis(naive_logp(h, w, 1.3), batch.tokens_BT[..., None], -1)[..., 0]
+    cfg = dataclasses.replace(config(name), is_low=0.999, is_high=1.001)
+    (_, metrics), _ = distill(cfg, h, w, score(cfg, th, tw, batch.tokens_BT),
+                              batch._replace(sampler_logp_BT=mu))
+    close(metrics["is_masked_frac"], 0.0)
 
 
 # --- estimator A's mask, clip and advantage -----------------------------------------------------

@@ -140,3 +140,19 @@ def test_optimizer_moments_take_the_param_shardings():
         assert mu.sharding.is_equivalent_to(p.sharding, p.ndim), (mu.sharding, p.sharding)
         assert nu.sharding.is_equivalent_to(p.sharding, p.ndim)
     assert any(len(p.sharding.spec) and any(p.sharding.spec) for p in jax.tree.leaves(params))
+
+
+def test_grpo_objective_is_at_the_rollout_temperature(setup):
+    """Old log-probs come from the sampler at T: before any update every ratio is 1, so a
+    clip band narrower than any T = 1 mismatch clips nothing."""
+    from mopd_jax.steps import grpo_objective
+    graphdef, student, _ = setup
+    tokens = jnp.asarray(np.random.RandomState(3).randint(3, CFG.vocab_size, (B, T)), jnp.int32)
+    mu = token_logprobs_step(graphdef, student, tokens, temperature=1.7)
+    batch = {"tokens": tokens, "mask": jnp.ones((B, T)).at[:, :4].set(0.0),
+             "old_logp": jnp.pad(mu, ((0, 0), (1, 0))), "adv": jnp.linspace(-1.0, 1.0, B)}
+    model = nnx.merge(graphdef, student)
+    for temperature, clipped in ((1.7, False), (1.0, True)):
+        _, metrics = grpo_objective(clip_low=1e-4, clip_high=1e-4, temperature=temperature,
+                                    vocab_chunk=64)(model, batch)
+        assert (float(metrics["clip_frac"]) > 0.1) == clipped, (temperature, metrics["clip_frac"])

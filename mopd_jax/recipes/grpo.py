@@ -77,7 +77,7 @@ def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     step = common.compile_train_step(run, opt, grpo_objective(
         clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
         aggregation="token_sum" if g.dr_grpo else "seq_mean", num_domains=len(run.domains),
-        vocab_chunk=min(8192, V), aux_coef=0.01))
+        vocab_chunk=min(8192, V), aux_coef=0.01, temperature=cfg.rollout.temperature))
     store = _store(run)
 
     def step_fn(state, i):
@@ -86,7 +86,8 @@ def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
             run.samples[d] = run.samples.get(d, 0) + n
         if g.kl_coef > 0:
             batch["ref_logp"] = _pad_left(shd.to_host(token_logprobs_step(
-                run.graphdef, run.init_params, batch["tokens"], vocab_chunk=min(8192, V))))
+                run.graphdef, run.init_params, batch["tokens"],
+                temperature=cfg.rollout.temperature, vocab_chunk=min(8192, V))))
         state, metrics = step(state, batch)
         host = {"grpo/sample_reward": float(rewards.mean()), "grpo/kept_groups": kept,
                 **{f"samples/{d}": float(n) for d, n in sorted(run.samples.items())}}
