@@ -116,6 +116,18 @@ def _read_json(path: Path) -> dict:
         raise HFCheckpointError(f"{path}: not valid JSON ({e})")
 
 
+class _RequiredFields(dict):
+    """config.json whose ``c[name]`` names the file and field when the field is absent."""
+
+    def __init__(self, c: dict, where: str):
+        super().__init__(c)
+        self.where = where
+
+    def __missing__(self, name):
+        raise HFCheckpointError(f"{self.where}: missing field {name!r}, which this "
+                                f"architecture needs; add it to config.json")
+
+
 def config_from_hf(src: str | Path | dict, **overrides) -> ModelConfig:
     """ModelConfig from a ``config.json`` (dir, file or dict); both transformers-5 spellings."""
     if isinstance(src, dict):
@@ -126,6 +138,7 @@ def config_from_hf(src: str | Path | dict, **overrides) -> ModelConfig:
         c, where = _read_json(p), str(p)
     arch = (c.get("architectures") or [None])[0]
     mtype = c.get("model_type")
+    c = _RequiredFields(c, where)
     if arch not in SUPPORTED and mtype not in ("qwen3", "qwen3_moe"):
         raise HFCheckpointError(f"{where}: unsupported architecture {arch or mtype!r}; "
                                 f"supported: {list(SUPPORTED)}")
@@ -301,7 +314,7 @@ def load_hf_params(directory: str | Path, abstract_state, cfg: ModelConfig, shar
         if entry is None:
             raise HFCheckpointError(f"internal: no Hugging Face mapping for parameter {key}")
         want = var.get_value() if is_var(var) else var
-        host = _load_entry(src, entry, key, cfg)
+        host = _load_entry(src, entry, key, cfg, tuple(want.shape))
         if host.shape != tuple(want.shape):
             raise HFCheckpointError(
                 f"{directory}: {entry.keys[0]} has shape {host.shape} after mapping but the "
@@ -319,18 +332,37 @@ def load_hf_params(directory: str | Path, abstract_state, cfg: ModelConfig, shar
                                                                      is_leaf=is_var), out)
 
 
-def _load_entry(src: SafetensorsDir, entry: _Entry, key: tuple, cfg: ModelConfig) -> np.ndarray:
+def _check_shape(src: SafetensorsDir, name: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise HFCheckpointError(
+            f"{src.dir}: tensor {name!r} has shape {tuple(got)} but config.json implies "
+            f"{tuple(want)}; the checkpoint's config.json does not match its weights")
+
+
+def _load_entry(src: SafetensorsDir, entry: _Entry, key: tuple, cfg: ModelConfig,
+                want_shape: tuple) -> np.ndarray:
+    """Our array for ``key``; every stored tensor's shape is checked before it is mapped."""
     missing = [k for k in entry.keys if k not in src]
     if missing and len(key) >= 4 and key[2] == "mlp" and key[3] in ("gate_proj", "up_proj",
                                                                       "down_proj"):
         fused = _fused_expert_sources(src, cfg, key[1])
         if fused is not None:
+            E, a, b = want_shape  # ours [E, D, F] (gate/up) or [E, F, D] (down)
+            name = "gate_up_proj" if key[3] != "down_proj" else "down_proj"
+            full = f"model.layers.{key[1]}.mlp.experts.{name}"
+            _check_shape(src, full, src.get(full).shape,
+                         (E, 2 * b, a) if name == "gate_up_proj" else (E, b, a))
             return np.asarray(fused[key[3]]())
     if missing:
         raise HFCheckpointError(f"{src.dir}: tensor {missing[0]!r} not found (and "
                                 f"{len(missing) - 1} more); is this a "
                                 f"{'Qwen3-MoE' if cfg.is_moe else 'Qwen3'} checkpoint?")
-    return np.asarray(entry.to_ours([src.get(k) for k in entry.keys]))
+    # The Hub shapes our parameter maps to, from a zero-stride view (nothing is allocated).
+    hub = entry.to_hf(np.broadcast_to(np.zeros((), np.float32), want_shape))
+    raw = [src.get(k) for k in entry.keys]
+    for k, x in zip(entry.keys, raw):
+        _check_shape(src, k, x.shape, hub[k].shape)
+    return np.asarray(entry.to_ours(raw))
 
 
 def iter_hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:

@@ -75,8 +75,9 @@ def load_model_params(directory: str | Path, mesh, role: str = "train"):
     try:
         restored = ocp.StandardCheckpointer().restore(directory / "params", target)
     except Exception as e:  # orbax raises many types for partial/corrupt data
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         raise CheckpointError(f"{directory / 'params'}: cannot restore ({type(e).__name__}: "
-                              f"{str(e)[:200]}); the checkpoint is corrupt or from another "
-                              "model") from None
+                              f"{first[:160]}); the checkpoint is corrupt or from another "
+                              "model: re-create it with `mopd convert`") from None
     nnx.replace_by_pure_dict(abs_state, restored)
     return cfg, graphdef, abs_state

@@ -75,9 +75,12 @@ def _convert(args):
     from mopd_jax.checkpoint import save_model
     from mopd_jax.loading import load_model
 
-    src = Path(args.src)
+    src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise UsageError(f"SRC {src}: not a directory")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UsageError(f"DST {dst}: exists and is not empty; remove it or choose another "
+                         "path (convert never overwrites a checkpoint)")
     if (src / "model.json").is_file():
         loaded = load_model(checkpoint=str(src))
     elif (src / "config.json").is_file():
@@ -85,14 +88,13 @@ def _convert(args):
     else:
         raise UsageError(f"SRC {src}: neither a mopd checkpoint (model.json) nor a Hugging Face "
                          "directory (config.json)")
-    dst = Path(args.dst)
     if args.to == "hf":
         save_hf(loaded.params, loaded.cfg, dst)
     else:
         save_model(dst, loaded.params, loaded.cfg)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "char_tokenizer.json", "generation_config.json"):
-        if (src / name).is_file() and not (dst / name).exists():
+        if (src / name).is_file():
             (dst / name).write_bytes((src / name).read_bytes())
     print(f"wrote {args.to} checkpoint of {loaded.cfg.name} "
           f"({loaded.cfg.num_params() / 1e6:.2f}M params) to {dst}")

@@ -1,6 +1,7 @@
 """Configs (YAML + --set, validation) and the CLI verbs of the foundation: score, convert."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,13 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
         (["score", "--checkpoint", str(tmp_path), "--tokens", "1,2"], "model.json: missing"),
         (["convert", str(tmp_path), str(tmp_path / "o"), "--to", "hf"], "neither a mopd"),
     ]
+    ck = tmp_path / "ck"
+    assert main(["convert", str(path), str(ck), "--to", "orbax"]) == 0
+    cases.append((["convert", str(path), str(ck), "--to", "orbax"], "exists and is not empty"))
+    shutil.rmtree(ck / "params")
+    (ck / "params").mkdir()  # a checkpoint whose weights were lost
+    cases.append((["score", "--checkpoint", str(ck), "--tokens", "1,2"], "cannot restore"))
+    capsys.readouterr()
     for argv, msg in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -2,13 +2,16 @@
 under every role's sharding; export loads in transformers; import -> export is lossless."""
 
 import json
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import FP32_LOGPROB_ATOL, hf_token_logprobs, write_hf_model
-from models.hf import HFCheckpointError, SafetensorsDir, config_from_hf, save_hf
+from models.hf import (HFCheckpointError, SafetensorsDir, config_from_hf, save_hf,
+                       save_safetensors)
 from mopd_jax.loading import load_model
 from mopd_jax.sharding import make_mesh
 from mopd_jax.steps import token_logprobs_step
@@ -70,6 +73,28 @@ def test_export_loads_in_transformers_and_roundtrips(hf_models, tmp_path, kind):
         assert np.array_equal(np.asarray(src.get(k)), np.asarray(dst.get(k))), k
 
 
+def test_fused_expert_layout_loads_like_per_expert_keys(hf_models, tmp_path):
+    """transformers 5 may save experts fused: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+    path, _ = hf_models["moe"]
+    src = SafetensorsDir(path)
+    tensors = {k: np.array(src.get(k)) for k in src.keys() if ".experts." not in k}
+    cfg = config_from_hf(path)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        if p + "0.up_proj.weight" not in src:
+            continue  # a dense layer inside the MoE model
+        get = lambda e, n: np.array(src.get(f"{p}{e}.{n}.weight"))  # noqa: E731
+        E = cfg.num_experts
+        tensors[p + "gate_up_proj"] = np.stack(
+            [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(E)])
+        tensors[p + "down_proj"] = np.stack([get(e, "down_proj") for e in range(E)])
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    save_safetensors(tensors, tmp_path / "model.safetensors")
+    fused, per_expert = load_model(hf=str(tmp_path)), load_model(hf=str(path))
+    for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(per_expert.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_checkpoints_give_clear_errors(hf_models, tmp_path):
     path, _ = hf_models["dense"]
     empty = tmp_path / "empty"
@@ -91,8 +116,28 @@ def test_bad_checkpoints_give_clear_errors(hf_models, tmp_path):
     c["intermediate_size"] = 40
     (wrong / "config.json").write_text(json.dumps(c))
     (wrong / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
-    with pytest.raises(HFCheckpointError, match=r"mlp\.\w+\.weight has shape .* config.json does not match"):
+    with pytest.raises(HFCheckpointError, match=r"mlp\.\w+\.weight' has shape .* config.json "
+                                                "does not match"):
         load_model(hf=str(wrong))
+
+    # Weights that disagree with an unchanged config.json: named before any reshape or stack.
+    for kind, key in (("dense", "model.layers.0.self_attn.q_proj.weight"),
+                      ("moe", "model.layers.0.mlp.experts.1.up_proj.weight")):
+        src_dir = hf_models[kind][0]
+        src = SafetensorsDir(src_dir)
+        tensors = {k: np.array(src.get(k)) for k in src.keys()}
+        tensors[key] = np.concatenate([tensors[key], tensors[key][:1]])  # one row too many
+        bad = tmp_path / f"bad_{kind}"
+        bad.mkdir()
+        (bad / "config.json").write_text((src_dir / "config.json").read_text())
+        save_safetensors(tensors, bad / "model.safetensors")
+        with pytest.raises(HFCheckpointError, match=rf"{re.escape(key)}' has shape"):
+            load_model(hf=str(bad))
+
+    c = json.loads((path / "config.json").read_text())
+    del c["num_attention_heads"]
+    with pytest.raises(HFCheckpointError, match="missing field 'num_attention_heads'"):
+        config_from_hf(c)
 
     (wrong / "config.json").write_text((path / "config.json").read_text())
     (wrong / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:2000])
