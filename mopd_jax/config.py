@@ -111,11 +111,15 @@ class RolloutConfig:
     """Longest response in tokens."""
     slots: int = 64
     """Concurrent decode slots of the engine (continuous batching)."""
+    prefill_batch: int = 16
+    """Most prompts prefilled in one forward when slots are free (shapes: powers of two up
+    to it, each compiled once per prompt-length bucket)."""
 
     def __post_init__(self):
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _check(self.slots >= 1, "rollout.slots", "must be >= 1")
+        _check(self.prefill_batch >= 1, "rollout.prefill_batch", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

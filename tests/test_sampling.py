@@ -185,12 +185,12 @@ def test_no_recompilation_after_warmup(tiny, engine):
                SamplingParams(temperature=0.9, top_k=7, max_new_tokens=9),
                SamplingParams(temperature=1.2, top_p=0.8, max_new_tokens=4, stop_tokens=(5,))]
     fresh = Engine(engine.graphdef, params, max_concurrent_decodes=4, max_prefill_length=32,
-                   max_target_length=64)
-    with count_compiles() as warm:  # every bucket, both n, a truncating and a greedy request
-        for n in (1, 2):
-            for sampling in configs[:2]:
-                rollout(fresh, params, _prompts(buckets_lengths, seed=1), n=n,
-                        sampling=sampling)
+                   max_target_length=64, max_prefill_batch=4)
+    with count_compiles() as warm:
+        # prompt batches of 1, 2, 4 x buckets 16, 32 x n in (1, 2), where they fit 4 slots
+        assert fresh.warmup(params, num_samples=(1, 2)) == 3 * 2 + 2 * 2
+        for sampling in configs[:2]:  # a truncating and a greedy request
+            rollout(fresh, params, _prompts(buckets_lengths, seed=1), sampling=sampling)
     assert warm["n"] > 0  # the counter does see compiles
     with count_compiles() as compiles:
         done = 0
@@ -238,6 +238,23 @@ def test_n_samples_share_one_prefill(tiny, engine):
         assert (rows[:, :len(prompts[g])] == np.array(prompts[g])).all()
         responses = {tuple(r[len(prompts[g]):len(prompts[g]) + 8]) for r in rows}
         assert len(responses) == 3, "samples of one prompt must differ (independent keys)"
+
+
+def test_prefill_batch_rows_equal_lone_prefills(tiny, engine):
+    """Prompts of different buckets prefilled together give what each gives alone."""
+    _, _, params = tiny
+    prompts = _prompts([3, 17, 9], seed=5)
+    samplings = [SamplingParams(temperature=1.1, top_k=9, seed=s) for s in (1, 2, 3)]
+    prefix, first = engine.prefill_batch(params, prompts, samplings, num_samples=2)
+    assert prefix.tokens.shape == (4, 2)  # 3 prompts padded to a batch bucket of 4
+    for p, (tokens, sampling) in enumerate(zip(prompts, samplings)):
+        padded, L = engine.pad_tokens(tokens)
+        lone, res = engine.prefill(params, padded, L, sampling=sampling, num_samples=2)
+        np.testing.assert_array_equal(first.tokens[2 * p:2 * p + 2], res.tokens)
+        np.testing.assert_allclose(first.log_prob[2 * p:2 * p + 2], res.log_prob,
+                                   atol=ATOL_LOGP)
+        for a, b in zip(jax.tree.leaves(prefix.cache), jax.tree.leaves(lone.cache)):
+            np.testing.assert_allclose(a[p, :, :L], b[0, :, :L], atol=ATOL_LOGP)
 
 
 def test_continuous_batching_matches_one_request_at_a_time(tiny, engine):

@@ -194,6 +194,7 @@ def make_engine(run: Run) -> Engine:
                             max_concurrent_decodes=cfg.rollout.slots,
                             max_prefill_length=cfg.data.max_prompt_len,
                             max_target_length=seq_len(cfg),
+                            max_prefill_batch=cfg.rollout.prefill_batch,
                             stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,
                             pad_id=getattr(run.tokenizer, "pad_id", 0) or 0)
     return run.engine

@@ -124,7 +124,8 @@ class Engine:
     def __init__(self, graphdef, params: Params, *, max_concurrent_decodes: int = 8,
                  max_prefill_length: int = 128, max_target_length: int | None = None,
                  stop_tokens: Sequence[int] = (), max_stop_tokens: int = 4,
-                 min_prefill_bucket: int = 16, mesh: Mesh | None = None, pad_id: int = 0):
+                 min_prefill_bucket: int = 16, max_prefill_batch: int = 16,
+                 mesh: Mesh | None = None, pad_id: int = 0):
         abstract = jax.eval_shape(lambda p: p, params)
         self.graphdef = graphdef
         self.cfg = nnx.merge(graphdef, abstract).cfg
@@ -144,18 +145,28 @@ class Engine:
             buckets.append(b)
             b *= 2
         self.prefill_buckets = tuple(buckets) + (self._max_prefill,)
+        b, self.prefill_batch_buckets = 1, []
+        while b < max(1, int(max_prefill_batch)):
+            self.prefill_batch_buckets.append(b)
+            b *= 2
+        self.prefill_batch_buckets = tuple(self.prefill_batch_buckets) + (
+            max(1, int(max_prefill_batch)),)
         self._cache_abstract = jax.eval_shape(
             lambda p: nnx.merge(graphdef, p).init_cache(self._slots, self.max_target_length),
             abstract)
         self._state_shardings = self._decode_state_shardings() if mesh is not None else None
         out = self._state_shardings
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("num_samples",))
+        self._prefill_batch_jit = jax.jit(self._prefill_batch_fn,
+                                          static_argnames=("num_samples",))
         self._insert_jit = jax.jit(self._insert_fn, donate_argnums=(1,),
                                    out_shardings=out)
+        self._insert_batch_jit = jax.jit(self._insert_batch_fn, donate_argnums=(1,),
+                                         out_shardings=out)
         self._generate_jit = jax.jit(self._generate_fn, donate_argnums=(1,),
                                      out_shardings=None if out is None else (out, None))
         self._init_jit = jax.jit(self._init_fn, out_shardings=out)
-        self.prefill_calls = 0  # host-side counter: tests check n samples share one prefill
+        self.prefill_calls = 0  # prompts prefilled (host counter: n samples share one prefill)
 
     # ------------------------------------------------------------------ JetStream properties
     @property
@@ -169,6 +180,11 @@ class Engine:
     @property
     def max_prefill_length(self) -> int:
         return self._max_prefill
+
+    @property
+    def max_prefill_batch(self) -> int:
+        """Most prompts one ``prefill_batch`` call takes."""
+        return self.prefill_batch_buckets[-1]
 
     # ------------------------------------------------------------------ helpers
     def shard_params(self, params: Params) -> Params:
@@ -273,6 +289,77 @@ class Engine:
                               f"[0, {self._slots})")
         return self._insert_jit(prefix, decode_state, slots)
 
+    def prefill_batch(self, params: Params, prompts: Sequence[Sequence[int]],
+                      samplings: Sequence[SamplingParams], *, num_samples: int = 1
+                      ) -> tuple[Prefix, ResultTokens]:
+        """Prefill several prompts in one call (one [P, bucket] forward instead of P [1, bucket]
+        ones); each gets its own ``SamplingParams``. Not part of JetStream's API.
+
+        Prompts are right-padded to the longest one's bucket and P to a power of two (at most
+        ``max_prefill_batch``), so a few shapes serve every call. Returns a batched Prefix (one
+        leading row per padded prompt; hand it to ``bulk_insert_batch``) and ResultTokens with
+        row ``p * num_samples + i`` = sample i of prompt p. Row p of the batched prefix equals
+        ``prefill`` of prompt p alone.
+        """
+        P = len(prompts)
+        if not 1 <= P <= self.max_prefill_batch or len(samplings) != P:
+            raise EngineError(f"prefill_batch: {P} prompts (with {len(samplings)} samplings); "
+                              f"give 1..{self.max_prefill_batch} and one SamplingParams each")
+        if not 1 <= num_samples <= self._slots:
+            raise EngineError(f"num_samples {num_samples} must be in [1, "
+                              f"max_concurrent_decodes={self._slots}]")
+        bucket = self.bucket_for(max(len(p) for p in prompts))
+        Pb = next(b for b in self.prefill_batch_buckets if b >= P)
+        tokens = np.full((Pb, bucket), self.pad_id, np.int32)
+        lengths = np.ones((Pb,), np.int32)
+        temp, top_p = np.zeros((Pb,), np.float32), np.ones((Pb,), np.float32)
+        top_k, max_new = np.zeros((Pb,), np.int32), np.ones((Pb,), np.int32)
+        stops = np.full((Pb, self.max_stop_tokens), -1, np.int32)
+        seeds = np.zeros((Pb,), np.uint32)
+        for i, (p, sp) in enumerate(zip(prompts, samplings)):
+            tokens[i, :len(p)], lengths[i] = p, len(p)
+            temp[i], top_k[i], top_p[i] = sp.effective_temperature, sp.top_k, sp.top_p
+            max_new[i] = min(sp.max_new_tokens or self.max_target_length, 2**31 - 1)
+            stops[i], seeds[i] = self._stop_array(sp.stop_tokens), sp.seed % 2**32
+        self.prefill_calls += P
+        return self._prefill_batch_jit(params, tokens, lengths, temp, top_k, top_p, max_new,
+                                       stops, seeds, num_samples=num_samples)
+
+    def bulk_insert_batch(self, prefix: Prefix, decode_state: DecodeState,
+                          slots: Sequence[Sequence[int]]) -> DecodeState:
+        """Sample i of prompt p of a ``prefill_batch`` prefix goes to ``slots[p][i]``."""
+        slots = np.asarray(slots, np.int32)
+        P, n = slots.shape
+        rows, samples = prefix.tokens.shape
+        flat = slots.reshape(-1)
+        if P > rows or n > samples or len(set(flat.tolist())) != flat.size or flat.min() < 0 \
+                or flat.max() >= self._slots:
+            raise EngineError(f"bulk_insert_batch: slots {slots.tolist()} must be distinct, in "
+                              f"[0, {self._slots}), at most {rows} prompts x {samples} samples")
+        padded = np.full((rows, n), self._slots, np.int32)  # out of range: dropped
+        padded[:P] = slots
+        return self._insert_batch_jit(prefix, decode_state, padded)
+
+    def warmup(self, params: Params, num_samples: Sequence[int] = (1,)) -> int:
+        """Compile every shape a ``rollout`` with these ``num_samples`` can meet: prefill and
+        insert for each (prompt-batch size, length bucket), plus generate. Runs each once on
+        dummy prompts in a scratch decode state; returns the number of shapes run."""
+        state, shapes = self.init_decode_state(), 0
+        for n in num_samples:
+            for P in self.prefill_batch_buckets:
+                if P * n > self._slots:
+                    continue
+                for bucket in self.prefill_buckets:
+                    prefix, _ = self.prefill_batch(params, [[self.pad_id] * bucket] * P,
+                                                   [SamplingParams()] * P, num_samples=n)
+                    slots = np.arange(P * n).reshape(P, n)
+                    state = self.bulk_insert_batch(prefix, state, slots)
+                    shapes += 1
+        self.prefill_calls = 0
+        state, res = self.generate(params, state)
+        jax.block_until_ready(res)
+        return shapes
+
     def generate(self, params: Params, decode_state: DecodeState
                  ) -> tuple[DecodeState, ResultTokens]:
         """One token for every slot (donates ``decode_state``); results are per slot."""
@@ -291,53 +378,80 @@ class Engine:
 
     def _prefill_fn(self, params, tokens_T, true_length, temperature, top_k, top_p, max_new,
                     stop_tokens, seed, *, num_samples):
-        T, n = tokens_T.shape[0], num_samples
+        """One prompt: ``_prefill_batch_fn`` on a batch of one, rows unbatched (cache kept
+        [1, K, bucket, Hd])."""
+        prefix, result = self._prefill_batch_fn(
+            params, tokens_T[None], true_length[None], temperature[None], top_k[None],
+            top_p[None], max_new[None], stop_tokens[None], seed[None], num_samples=num_samples)
+        return (jax.tree.map(lambda x: x[0], prefix.replace(cache=[])).replace(
+            cache=prefix.cache), result)
+
+    def _prefill_batch_fn(self, params, tokens_PT, lengths_P, temperature_P, top_k_P, top_p_P,
+                          max_new_P, stop_PM, seed_P, *, num_samples):
+        """P right-padded prompts in one forward; n first tokens sampled from each last position.
+
+        Rows never interact (causal attention, dropless MoE), so row p equals a lone prefill.
+        """
+        (P, T), n = tokens_PT.shape, num_samples
         with self._rules():
             model = nnx.merge(self.graphdef, params)
-            positions = jnp.arange(T, dtype=jnp.int32)[None]
-            hidden, cache, _ = model(tokens_T[None], positions,
-                                     cache=model.init_cache(1, T))
-            h_last = jax.lax.dynamic_slice_in_dim(hidden, true_length - 1, 1, axis=1)
-            logits_V = _logits(model, h_last)[0, 0]
-        request_key = jax.random.PRNGKey(seed)
-        keys = jax.vmap(lambda i: jax.random.fold_in(request_key, i))(jnp.arange(n))
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, true_length))(keys)
-        tokens, logp = sample_logits(jnp.broadcast_to(logits_V, (n, logits_V.shape[0])),
-                                     step_keys, jnp.full((n,), temperature),
-                                     jnp.full((n,), top_k), jnp.full((n,), top_p))
-        max_new = jnp.minimum(max_new, self.max_target_length - true_length)
-        stopped = jnp.any(tokens[:, None] == stop_tokens[None, :], axis=-1)
-        done = stopped | (max_new <= 1)
-        prefix = Prefix(cache=cache, length=true_length, tokens=tokens, log_prob=logp,
-                        keys=keys, done=done, temperature=temperature, top_k=top_k,
-                        top_p=top_p, max_new=max_new, stop_tokens=stop_tokens)
-        result = ResultTokens(tokens=tokens, log_prob=logp, valid=jnp.ones((n,), bool),
-                              lengths=jnp.ones((n,), jnp.int32), done=done, stopped=stopped)
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+            hidden, cache, _ = model(tokens_PT, positions, cache=model.init_cache(P, T))
+            h_last = jnp.take_along_axis(hidden, (lengths_P - 1)[:, None, None], axis=1)
+            logits_PV = _logits(model, h_last)[:, 0]
+        keys_PN2 = jax.vmap(lambda s: jax.vmap(
+            lambda i: jax.random.fold_in(jax.random.PRNGKey(s), i))(jnp.arange(n)))(seed_P)
+        step_keys = jax.vmap(lambda ks, L: jax.vmap(lambda k: jax.random.fold_in(k, L))(ks))(
+            keys_PN2, lengths_P)
+        rows = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  [P, ...] -> [P * n, ...]
+        tokens, logp = sample_logits(rows(logits_PV), step_keys.reshape(P * n, 2),
+                                     rows(temperature_P), rows(top_k_P), rows(top_p_P))
+        max_new_P = jnp.minimum(max_new_P, self.max_target_length - lengths_P)
+        stopped = jnp.any(tokens[:, None] == rows(stop_PM), axis=-1)
+        done = stopped | rows(max_new_P <= 1)
+        prefix = Prefix(cache=cache, length=lengths_P, tokens=tokens.reshape(P, n),
+                        log_prob=logp.reshape(P, n), keys=keys_PN2, done=done.reshape(P, n),
+                        temperature=temperature_P, top_k=top_k_P, top_p=top_p_P,
+                        max_new=max_new_P, stop_tokens=stop_PM)
+        result = ResultTokens(tokens=tokens, log_prob=logp, valid=jnp.ones((P * n,), bool),
+                              lengths=jnp.ones((P * n,), jnp.int32), done=done, stopped=stopped)
         return prefix, result
 
     def _insert_fn(self, prefix: Prefix, state: DecodeState, slots):
-        cache, n = state.cache, slots.shape[0]
-        for i in range(n):  # n is static and small: unrolled row copies of the prefix KV
-            cache = [{k: jax.lax.dynamic_update_slice(
-                        layer[k], p[k].astype(layer[k].dtype), (slots[i], 0, 0, 0))
-                      for k in layer} for layer, p in zip(cache, prefix.cache)]
+        """One prompt's prefix (``prefill``) into ``slots`` [n]."""
+        batched = jax.tree.map(lambda x: x[None], prefix.replace(cache=[]))
+        # its cache is already [1, K, bucket, Hd] per layer: a batch of one prompt
+        return self._insert_batch_fn(batched.replace(cache=prefix.cache), state, slots[None])
+
+    def _insert_batch_fn(self, prefix: Prefix, state: DecodeState, slots_PN):
+        """Batched prefix rows into ``slots_PN`` [P, n]; out-of-range slots are dropped."""
+        P, n = slots_PN.shape
+        slots = slots_PN.reshape(-1)
+
+        def per_sample(x):  # [P, ...] -> [P * n, ...], row p repeated for its n samples
+            return jnp.repeat(x, n, axis=0)
+
+        cache = []
+        for layer, p in zip(state.cache, prefix.cache):
+            bucket = p["k"].shape[2]
+            cache.append({k: layer[k].at[slots, :, :bucket].set(
+                per_sample(p[k].astype(layer[k].dtype)), mode="drop") for k in layer})
 
         def put(arr, vals):
-            return arr.at[slots].set(vals)
+            return arr.at[slots].set(vals, mode="drop")
 
-        bcast = lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x))  # noqa: E731
         return DecodeState(
             cache=cache,
-            tokens=put(state.tokens, prefix.tokens[:n]),
-            pos=put(state.pos, bcast(prefix.length)),
-            generated=put(state.generated, jnp.ones((n,), jnp.int32)),
-            max_new=put(state.max_new, bcast(prefix.max_new)),
-            active=put(state.active, ~prefix.done[:n]),
-            keys=put(state.keys, prefix.keys[:n]),
-            temperature=put(state.temperature, bcast(prefix.temperature)),
-            top_k=put(state.top_k, bcast(prefix.top_k)),
-            top_p=put(state.top_p, bcast(prefix.top_p)),
-            stop_tokens=put(state.stop_tokens, bcast(prefix.stop_tokens)))
+            tokens=put(state.tokens, prefix.tokens[:, :n].reshape(-1)),
+            pos=put(state.pos, per_sample(prefix.length)),
+            generated=put(state.generated, jnp.ones((P * n,), jnp.int32)),
+            max_new=put(state.max_new, per_sample(prefix.max_new)),
+            active=put(state.active, ~prefix.done[:, :n].reshape(-1)),
+            keys=put(state.keys, prefix.keys[:, :n].reshape(-1, 2)),
+            temperature=put(state.temperature, per_sample(prefix.temperature)),
+            top_k=put(state.top_k, per_sample(prefix.top_k)),
+            top_p=put(state.top_p, per_sample(prefix.top_p)),
+            stop_tokens=put(state.stop_tokens, per_sample(prefix.stop_tokens)))
 
     def _generate_fn(self, params, state: DecodeState):
         with self._rules():

@@ -1,7 +1,9 @@
 """Rollout driver: a queue of prompts through the engine with continuous batching.
 
-Each prompt is prefilled once and its n samples go into n free slots (``bulk_insert``). A
-slot is refilled as soon as its sample finishes. Step results are read one step late
+Each prompt is prefilled once and its n samples go into n free slots. Prompts waiting while
+slots are free are prefilled together (``prefill_batch``: one [P, bucket] forward, up to
+``engine.max_prefill_batch`` prompts) and inserted with ``bulk_insert_batch``. A slot is
+refilled as soon as its sample finishes. Step results are read one step late
 (dispatch generate N, then read N-1) so the host never stalls the device; a finished slot
 therefore idles for one step before it is refilled.
 
@@ -114,7 +116,7 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
     free = collections.deque(range(S))
     todo = collections.deque(range(len(prompts)))
     state = engine.init_decode_state()
-    steps = 0
+    steps = prefill_batches = 0
 
     def record(r, tok, lp, done, stopped):
         out_tokens[r].append(int(tok))
@@ -123,22 +125,27 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
             finish[r] = "stop" if stopped else "length"
 
     def admit(state):
+        nonlocal prefill_batches
         while todo and len(free) >= n:
-            pi = todo.popleft()
-            padded, length = engine.pad_tokens(prompts[pi].tokens)
-            prefix, first = engine.prefill(
-                params, padded, length, num_samples=n,
-                sampling=dataclasses.replace(sampling, seed=_request_seed(seed, pi)))
-            slots = [free.popleft() for _ in range(n)]
-            state = engine.bulk_insert(prefix, state, slots)
+            batch = [todo.popleft()
+                     for _ in range(min(len(free) // n, len(todo), engine.max_prefill_batch))]
+            prefix, first = engine.prefill_batch(
+                params, [prompts[pi].tokens for pi in batch],
+                [dataclasses.replace(sampling, seed=_request_seed(seed, pi)) for pi in batch],
+                num_samples=n)
+            slots = [[free.popleft() for _ in range(n)] for _ in batch]
+            state = engine.bulk_insert_batch(prefix, state, slots)
+            prefill_batches += 1
             first = first.convert_to_numpy()
-            for i, s in enumerate(slots):
-                r = pi * n + i
-                record(r, first.tokens[i], first.log_prob[i], first.done[i], first.stopped[i])
-                if first.done[i]:
-                    free.append(s)  # never live on device: reusable at once
-                else:
-                    owner[s] = r
+            for j, pi in enumerate(batch):
+                for i, s in enumerate(slots[j]):
+                    r, k = pi * n + i, j * n + i
+                    record(r, first.tokens[k], first.log_prob[k], first.done[k],
+                           first.stopped[k])
+                    if first.done[k]:
+                        free.append(s)  # never live on device: reusable at once
+                    else:
+                        owner[s] = r
         return state
 
     def consume(res):
@@ -193,6 +200,7 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
         metadata=[prompts[r // n].metadata for r in range(R)],
         prompt_index=np.arange(R, dtype=np.int32) // n,
         sample_index=np.arange(R, dtype=np.int32) % n,
-        stats={"generate_steps": steps, "prefills": len(prompts), "wall_s": wall,
+        stats={"generate_steps": steps, "prefills": len(prompts),
+               "prefill_batches": prefill_batches, "wall_s": wall,
                "generated_tokens": int(rlen.sum()),
                "tokens_per_s": float(rlen.sum()) / max(wall, 1e-9)})
