@@ -112,8 +112,8 @@ class RolloutConfig:
     slots: int = 64
     """Concurrent decode slots of the engine (continuous batching)."""
     prefill_batch: int = 16
-    """Most prompts prefilled in one forward when slots are free (shapes: powers of two up
-    to it, each compiled once per prompt-length bucket)."""
+    """Prompts prefilled in one forward when that many can start at once (else one at a
+    time); 1 turns batching off. Each length bucket compiles once per shape (1 and this)."""
 
     def __post_init__(self):
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")

@@ -145,12 +145,9 @@ class Engine:
             buckets.append(b)
             b *= 2
         self.prefill_buckets = tuple(buckets) + (self._max_prefill,)
-        b, self.prefill_batch_buckets = 1, []
-        while b < max(1, int(max_prefill_batch)):
-            self.prefill_batch_buckets.append(b)
-            b *= 2
-        self.prefill_batch_buckets = tuple(self.prefill_batch_buckets) + (
-            max(1, int(max_prefill_batch)),)
+        # Two prompt-batch shapes only (each is compiled per length bucket): a lone prompt, and
+        # a full batch (fewer prompts are padded to it; ``rollout`` only batches full ones).
+        self.prefill_batch_buckets = tuple(sorted({1, max(1, int(max_prefill_batch))}))
         self._cache_abstract = jax.eval_shape(
             lambda p: nnx.merge(graphdef, p).init_cache(self._slots, self.max_target_length),
             abstract)
@@ -295,8 +292,8 @@ class Engine:
         """Prefill several prompts in one call (one [P, bucket] forward instead of P [1, bucket]
         ones); each gets its own ``SamplingParams``. Not part of JetStream's API.
 
-        Prompts are right-padded to the longest one's bucket and P to a power of two (at most
-        ``max_prefill_batch``), so a few shapes serve every call. Returns a batched Prefix (one
+        Prompts are right-padded to the longest one's bucket and P to 1 or
+        ``max_prefill_batch``, so two shapes per length bucket serve every call. Returns a batched Prefix (one
         leading row per padded prompt; hand it to ``bulk_insert_batch``) and ResultTokens with
         row ``p * num_samples + i`` = sample i of prompt p. Row p of the batched prefix equals
         ``prefill`` of prompt p alone.

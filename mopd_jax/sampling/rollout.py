@@ -1,8 +1,9 @@
 """Rollout driver: a queue of prompts through the engine with continuous batching.
 
 Each prompt is prefilled once and its n samples go into n free slots. Prompts waiting while
-slots are free are prefilled together (``prefill_batch``: one [P, bucket] forward, up to
-``engine.max_prefill_batch`` prompts) and inserted with ``bulk_insert_batch``. A slot is
+slots are free are prefilled together when a full batch fits (``prefill_batch``: one
+[max_prefill_batch, bucket] forward; otherwise one prompt at a time) and inserted with
+``bulk_insert_batch``. A slot is
 refilled as soon as its sample finishes. Step results are read one step late
 (dispatch generate N, then read N-1) so the host never stalls the device; a finished slot
 therefore idles for one step before it is refilled.
@@ -127,8 +128,11 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
     def admit(state):
         nonlocal prefill_batches
         while todo and len(free) >= n:
+            # a full prompt batch when enough slots are free, else one prompt (two shapes)
+            room = min(len(free) // n, len(todo))
             batch = [todo.popleft()
-                     for _ in range(min(len(free) // n, len(todo), engine.max_prefill_batch))]
+                     for _ in range(engine.max_prefill_batch if room >= engine.max_prefill_batch
+                                    else 1)]
             prefix, first = engine.prefill_batch(
                 params, [prompts[pi].tokens for pi in batch],
                 [dataclasses.replace(sampling, seed=_request_seed(seed, pi)) for pi in batch],
