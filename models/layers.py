@@ -87,8 +87,9 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 def _project_heads(x_BTD, w_DNH):
     """x @ w for a [D, N, Hd] head projection, as one 2-D matmul.
 
-    Written as ``einsum('btd,dnh->btnh')`` XLA:CPU ran a 28-layer Qwen3-0.6B decode step's
-    q/k/v/o projections at 6.7 GB/s instead of 23 (the weights merge into [D, N*Hd] for free).
+    Written as ``einsum('btd,dnh->btnh')`` (and o_proj as ``'btnh,nhd->btd'``) XLA:CPU ran a
+    28-layer Qwen3-0.6B decode step's projections at 6.7 GB/s instead of 23; the weights
+    merge into [D, N*Hd] for free.
     """
     D, N, Hd = w_DNH.shape
     return (x_BTD @ w_DNH.reshape(D, N * Hd)).reshape(*x_BTD.shape[:-1], N, Hd)

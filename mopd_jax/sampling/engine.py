@@ -227,6 +227,14 @@ class Engine:
         out[:len(tokens)] = tokens
         return out, len(tokens)
 
+    def _sampling_arrays(self, sampling: SamplingParams) -> tuple:
+        """(temperature, top_k, top_p, max_new, stop_tokens, seed) as the jitted prefill
+        takes them."""
+        max_new = min(sampling.max_new_tokens or self.max_target_length, 2**31 - 1)
+        return (np.float32(sampling.effective_temperature), np.int32(sampling.top_k),
+                np.float32(sampling.top_p), np.int32(max_new),
+                self._stop_array(sampling.stop_tokens), np.uint32(sampling.seed % 2**32))
+
     def _stop_array(self, stop_tokens) -> np.ndarray:
         stops = self.stop_tokens if stop_tokens is None else tuple(stop_tokens)
         if len(stops) > self.max_stop_tokens:
@@ -261,14 +269,9 @@ class Engine:
         if not 1 <= num_samples <= self._slots:
             raise EngineError(f"num_samples {num_samples} must be in [1, "
                               f"max_concurrent_decodes={self._slots}]")
-        max_new = sampling.max_new_tokens or self.max_target_length
         self.prefill_calls += 1
-        return self._prefill_jit(
-            params, padded, np.int32(true_length),
-            np.float32(sampling.effective_temperature), np.int32(sampling.top_k),
-            np.float32(sampling.top_p), np.int32(min(max_new, 2**31 - 1)),
-            self._stop_array(sampling.stop_tokens), np.uint32(sampling.seed % 2**32),
-            num_samples=num_samples)
+        return self._prefill_jit(params, padded, np.int32(true_length),
+                                 *self._sampling_arrays(sampling), num_samples=num_samples)
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         """Put the prefix's first sample into ``slot`` (donates ``decode_state``)."""
@@ -293,10 +296,10 @@ class Engine:
         ones); each gets its own ``SamplingParams``. Not part of JetStream's API.
 
         Prompts are right-padded to the longest one's bucket and P to 1 or
-        ``max_prefill_batch``, so two shapes per length bucket serve every call. Returns a batched Prefix (one
-        leading row per padded prompt; hand it to ``bulk_insert_batch``) and ResultTokens with
-        row ``p * num_samples + i`` = sample i of prompt p. Row p of the batched prefix equals
-        ``prefill`` of prompt p alone.
+        ``max_prefill_batch``, so two shapes per length bucket serve every call. Returns a
+        batched Prefix (one leading row per padded prompt; hand it to ``bulk_insert_batch``)
+        and ResultTokens with row ``p * num_samples + i`` = sample i of prompt p. Row p of the
+        batched prefix equals ``prefill`` of prompt p alone.
         """
         P = len(prompts)
         if not 1 <= P <= self.max_prefill_batch or len(samplings) != P:
@@ -309,18 +312,15 @@ class Engine:
         Pb = next(b for b in self.prefill_batch_buckets if b >= P)
         tokens = np.full((Pb, bucket), self.pad_id, np.int32)
         lengths = np.ones((Pb,), np.int32)
-        temp, top_p = np.zeros((Pb,), np.float32), np.ones((Pb,), np.float32)
-        top_k, max_new = np.zeros((Pb,), np.int32), np.ones((Pb,), np.int32)
-        stops = np.full((Pb, self.max_stop_tokens), -1, np.int32)
-        seeds = np.zeros((Pb,), np.uint32)
-        for i, (p, sp) in enumerate(zip(prompts, samplings)):
+        for i, p in enumerate(prompts):
             tokens[i, :len(p)], lengths[i] = p, len(p)
-            temp[i], top_k[i], top_p[i] = sp.effective_temperature, sp.top_k, sp.top_p
-            max_new[i] = min(sp.max_new_tokens or self.max_target_length, 2**31 - 1)
-            stops[i], seeds[i] = self._stop_array(sp.stop_tokens), sp.seed % 2**32
+        # padding rows repeat the last request's settings; their results are never read
+        rows = [self._sampling_arrays(sp) for sp in samplings]
+        rows += [rows[-1]] * (Pb - P)
         self.prefill_calls += P
-        return self._prefill_batch_jit(params, tokens, lengths, temp, top_k, top_p, max_new,
-                                       stops, seeds, num_samples=num_samples)
+        return self._prefill_batch_jit(params, tokens, lengths,
+                                       *(np.stack(col) for col in zip(*rows)),
+                                       num_samples=num_samples)
 
     def bulk_insert_batch(self, prefix: Prefix, decode_state: DecodeState,
                           slots: Sequence[Sequence[int]]) -> DecodeState:
@@ -341,7 +341,7 @@ class Engine:
         """Compile every shape a ``rollout`` with these ``num_samples`` can meet: prefill and
         insert for each (prompt-batch size, length bucket), plus generate. Runs each once on
         dummy prompts in a scratch decode state; returns the number of shapes run."""
-        state, shapes = self.init_decode_state(), 0
+        state, shapes, calls = self.init_decode_state(), 0, self.prefill_calls
         for n in num_samples:
             for P in self.prefill_batch_buckets:
                 if P * n > self._slots:
@@ -352,7 +352,7 @@ class Engine:
                     slots = np.arange(P * n).reshape(P, n)
                     state = self.bulk_insert_batch(prefix, state, slots)
                     shapes += 1
-        self.prefill_calls = 0
+        self.prefill_calls = calls  # warm-up prompts are not requests
         state, res = self.generate(params, state)
         jax.block_until_ready(res)
         return shapes

@@ -1,10 +1,10 @@
 """Rollout driver: a queue of prompts through the engine with continuous batching.
 
-Each prompt is prefilled once and its n samples go into n free slots. Prompts waiting while
-slots are free are prefilled together when a full batch fits (``prefill_batch``: one
-[max_prefill_batch, bucket] forward; otherwise one prompt at a time) and inserted with
-``bulk_insert_batch``. A slot is
-refilled as soon as its sample finishes. Step results are read one step late
+Each prompt is prefilled once and its n samples go into n free slots. When a full batch of
+prompts can start (``engine.max_prefill_batch``, e.g. the first fill of the slots) they are
+prefilled in one forward (``prefill_batch``) and inserted together (``bulk_insert_batch``);
+otherwise one prompt at a time. A slot is refilled as soon as its sample finishes. Step
+results are read one step late
 (dispatch generate N, then read N-1) so the host never stalls the device; a finished slot
 therefore idles for one step before it is refilled.
 
