@@ -4,9 +4,8 @@ Each prompt is prefilled once and its n samples go into n free slots. When a ful
 prompts can start (``engine.max_prefill_batch``, e.g. the first fill of the slots) they are
 prefilled in one forward (``prefill_batch``) and inserted together (``bulk_insert_batch``);
 otherwise one prompt at a time. A slot is refilled as soon as its sample finishes. Step
-results are read one step late
-(dispatch generate N, then read N-1) so the host never stalls the device; a finished slot
-therefore idles for one step before it is refilled.
+results are read one step late (dispatch generate N, then read N-1) so the host never stalls
+the device; a finished slot therefore idles for one step before it is refilled.
 
 The output is a ``RolloutBatch`` of padded arrays in prompt order (rollout r = prompt
 ``r // n``, sample ``r % n``), ready for the teacher/trainer score step:
