@@ -26,6 +26,7 @@ from flax import nnx
 
 from models.config import preset
 from models.qwen3 import Transformer
+from mopd_jax.bench import best_time
 from mopd_jax.sampling.engine import Engine
 from mopd_jax.sampling.rollout import rollout
 from mopd_jax.sampling.sampler import GREEDY
@@ -48,15 +49,6 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def _best(fn, iters):
-    best, out = float("inf"), None
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def measure_bandwidth(mb: int, iters: int = 5) -> dict[str, float]:
     """Memory bandwidth probes in bytes/s; the roofline uses the best of them.
 
@@ -70,12 +62,12 @@ def measure_bandwidth(mb: int, iters: int = 5) -> dict[str, float]:
                            ("read", lambda a: jnp.sum(a.reshape(1024, -1), axis=1), x.nbytes)):
         f = jax.jit(fn)
         jax.block_until_ready(f(x))
-        t, _ = _best(lambda: jax.block_until_ready(f(x)), iters)
+        t, _ = best_time(lambda: jax.block_until_ready(f(x)), iters)
         probes[key] = moved / t
     if jax.devices()[0].platform == "cpu":
         a = np.ones(x.shape, np.float32)
         b = np.empty_like(a)
-        t, _ = _best(lambda: np.copyto(b, a), iters)
+        t, _ = best_time(lambda: np.copyto(b, a), iters)
         probes["numpy_copy"] = 2 * a.nbytes / t
     del x
     return probes
@@ -105,7 +97,7 @@ def bench_one(name, cfg, params, graphdef, B, args, bandwidth, hf=None) -> dict:
                     max_target_length=bucket + 2 * N)
     sampling = dataclasses.replace(GREEDY, max_new_tokens=N)
     rollout(engine, params, prompts, sampling=sampling)  # warm-up: compiles
-    t_ours, batch = _best(lambda: rollout(engine, params, prompts, sampling=sampling),
+    t_ours, batch = best_time(lambda: rollout(engine, params, prompts, sampling=sampling),
                           args.iters)
     ours = batch.tokens[:, P:P + N]
     row = {"model": name, "layers": cfg.num_layers, "batch": B,
@@ -144,7 +136,7 @@ def bench_one(name, cfg, params, graphdef, B, args, bandwidth, hf=None) -> dict:
                                   eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             gen()
-            t_hf, out = _best(lambda: gen(), args.iters)
+            t_hf, out = best_time(lambda: gen(), args.iters)
         ref = out[:, P:].numpy()
         row.update(hf_tok_s=B * N / t_hf, hf_s=t_hf, speedup=t_hf / t_ours,
                    match=float((ref == ours).mean()))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from flax import nnx
 
 from models.config import ModelConfig, preset
 from models.qwen3 import Transformer
+from mopd_jax.bench import best_time
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.losses import DistillLossConfig, TeacherScores
 from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
@@ -59,15 +59,6 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def _best(fn, iters):
-    best, out = float("inf"), None
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def measure_peak_flops(n: int, dtype: str, iters: int = 3) -> float:
     """FLOP/s of a jitted n x n by n x n ``jnp.dot`` in ``dtype`` (best of iters)."""
     ka, kb = jax.random.split(jax.random.key(0))
@@ -75,7 +66,7 @@ def measure_peak_flops(n: int, dtype: str, iters: int = 3) -> float:
     b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
-    t, _ = _best(lambda: jax.block_until_ready(dot(a, b)), iters)
+    t, _ = best_time(lambda: jax.block_until_ready(dot(a, b)), iters)
     return 2 * n**3 / t
 
 
@@ -143,7 +134,7 @@ def run(args) -> dict:
         state, m = step(state, batch)
         return jax.block_until_ready(m["loss"])
 
-    t, _ = _best(one, args.iters)
+    t, _ = best_time(one, args.iters)
     flops = model_flops(cfg, B, T)
     res = {"model": cfg.name, "layers": cfg.num_layers, "batch": B, "seq": T,
            "dtype": args.dtype, "objective": args.objective, "device": device.device_kind,
@@ -233,8 +224,8 @@ def _torch_reference(params, cfg, batch, args) -> dict | None:
         return loss
 
     first_loss = train_step().item()  # warm-up, at the initial params
-    t_step, _ = _best(train_step, args.iters)
-    t_fb, _ = _best(fwd_bwd, args.iters)
+    t_step, _ = best_time(train_step, args.iters)
+    t_fb, _ = best_time(fwd_bwd, args.iters)
     B, T = inputs.shape
     return {"torch_step_s": t_step, "torch_fwd_bwd_s": t_fb, "torch_tok_s": B * T / t_step,
             "torch_loss": first_loss}
