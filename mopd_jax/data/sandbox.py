@@ -1,12 +1,18 @@
 """Run untrusted Python (model-written code) in a throw-away subprocess; failures become results.
 
-``run_python`` starts a fresh ``python -I -B`` in a temporary directory (deleted afterwards) with
-a scrubbed environment, stdin on ``/dev/null``, stdout/stderr going to files capped by
-``RLIMIT_FSIZE``, and its own session, so the whole process group is SIGKILLed on timeout and
-again after a normal exit (forked children never outlive the call). Before the candidate runs, a
-small bootstrap in the child sets resource limits and installs a ``sys.addaudithook`` guard.
+``run_python`` starts a fresh ``python -I -B`` whose work dir is a temporary directory (deleted
+afterwards), with a scrubbed environment, stdin on ``/dev/null``, stdout/stderr going to files
+capped by ``RLIMIT_FSIZE``, and its own session, so the whole process group is SIGKILLed on
+timeout and again after a normal exit (forked children never outlive the call). The program
+reaches the child on its stdin, read by a small bootstrap that then sets resource limits and
+installs a ``sys.addaudithook`` guard before the candidate runs. The program file, the output
+files and the fork counter live beside the work dir, not in it.
 
 Layers, strongest first:
+
+* OS isolation, ``isolation='bwrap' | 'unshare' | 'auto'`` (see ``isolation``): no network,
+  a file system of read-only system and interpreter directories plus the writable work dir,
+  its own pid namespace, uid nobody when the caller is root.
 
 * OS limits (``resource.setrlimit``, set by the bootstrap rather than a ``preexec_fn``, which
   is unsafe in a threaded caller): ``RLIMIT_AS`` (memory, per process: each fork may use
@@ -20,15 +26,16 @@ Layers, strongest first:
   of other programs (``subprocess``, ``os.system``, ``os.exec*``, ``os.posix_spawn``), at most
   ``max_procs`` ``os.fork`` calls across the whole process tree (an unlinked counter file shared
   by every fork; this is what bounds a fork bomb when the caller is root), no writes, renames or
-  deletes outside the temporary directory, no signals outside the candidate's process group, no
-  ``ctypes`` foreign calls, and ``os.setsid``/``setpgid``/``setpgrp`` removed so children cannot
-  leave the group.
+  deletes outside the work dir, no reads outside it and the interpreter's and system
+  directories (so neither the data nor another process's ``/proc`` entry can be read), no
+  signals outside the candidate's process group, no ``ctypes`` foreign calls, and
+  ``os.setsid``/``setpgid``/``setpgrp`` removed so children cannot leave the group.
 
 The guard runs inside the candidate's interpreter, so deliberately adversarial code can get past
 it (e.g. by reloading built-in modules or corrupting memory); it stops the mistakes model-written
-code actually makes. For untrusted code at scale add OS isolation: a network namespace
-(``unshare --net`` / a container without network), an unprivileged uid (so ``RLIMIT_NPROC``
-applies), cgroup ``pids.max``/``memory.max``, or a sandbox such as nsjail or gVisor.
+code actually makes. Against adversaries use OS isolation (``auto`` picks it where the machine
+allows), and judge results outside the candidate's process (``code_tests`` does: nothing the
+child prints is trusted). Beyond that: cgroup ``pids.max``/``memory.max``, or nsjail / gVisor.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from mopd_jax.data import isolation as iso
 
 _MIB = 1 << 20
 
@@ -69,12 +78,14 @@ class SandboxResult:
 
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_procs: int = 16, allow_network: bool = False,
-               max_output_bytes: int = _MIB) -> SandboxResult:
+               max_output_bytes: int = _MIB, isolation: str = "none") -> SandboxResult:
     """Run ``code`` as ``__main__`` of a sandboxed ``python -I``; see the module docstring.
 
     ``max_procs`` is the number of extra processes the code may fork (0 forbids forking);
     ``max_output_bytes`` caps stdout, stderr and any file the code writes (exceeding it kills
-    the process: 'output limit'). Only bad arguments raise (``ValueError``).
+    the process: 'output limit'); ``isolation`` is one of ``isolation.MODES``. Only bad
+    arguments (``ValueError``) and an OS mode that does not work here (``IsolationError``)
+    raise.
     """
     if not isinstance(code, str):
         raise ValueError(f"run_python: code must be a str, got {type(code).__name__}")
@@ -87,48 +98,74 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
         raise ValueError(f"run_python: max_procs must be >= 0, got {max_procs}")
     if max_output_bytes < 1:
         raise ValueError(f"run_python: max_output_bytes must be >= 1, got {max_output_bytes}")
+    return run_resolved(code, iso.resolve(isolation), timeout_s=timeout_s, memory_mb=memory_mb,
+                        max_procs=max_procs, allow_network=allow_network,
+                        max_output_bytes=max_output_bytes)
+
+
+def run_resolved(code: str, mode: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
+                 max_procs: int = 16, allow_network: bool = False,
+                 max_output_bytes: int = _MIB) -> SandboxResult:
+    """``run_python`` with ``mode`` already resolved ('none', 'bwrap', 'unshare') and the
+    arguments already checked."""
     try:
         with tempfile.TemporaryDirectory(prefix="mopd-sandbox-", ignore_cleanup_errors=True) as d:
-            return _run(code, os.path.realpath(d), timeout_s, memory_mb, max_procs,
+            return _run(code, os.path.realpath(d), mode, timeout_s, memory_mb, max_procs,
                         allow_network, max_output_bytes)
     except OSError as e:  # no disk space, no fds, no /tmp, ...: a result, not a crash
         return SandboxResult(None, "", "", False, f"spawn failed: {e}")
 
 
-def _run(code, root, timeout_s, memory_mb, max_procs, allow_network, max_output_bytes):
-    main = os.path.join(root, "main.py")
+def _run(code, d, mode, timeout_s, memory_mb, max_procs, allow_network, max_output_bytes):
+    work = os.path.join(d, "work")
+    os.mkdir(work)
+    main = os.path.join(d, "main.py")
     with open(main, "w", encoding="utf-8", errors="replace") as f:
         f.write(code)
+    argv, boot = iso.command(mode, [sys.executable, "-I", "-B", "-c", _BOOTSTRAP], work,
+                             allow_network)
+    drop = boot["drop"]
+    uid = drop["uid"] if isinstance(drop, dict) else os.getuid()
+    if isinstance(drop, dict):
+        os.chown(work, drop["uid"], drop["gid"])
     cpu_s = int(timeout_s) + 1
     limits = [("RLIMIT_AS", memory_mb * _MIB, memory_mb * _MIB),
               ("RLIMIT_CPU", cpu_s, cpu_s + 1),  # soft: SIGXCPU, hard: SIGKILL
               ("RLIMIT_FSIZE", max_output_bytes, max_output_bytes),
               ("RLIMIT_CORE", 0, 0),
               ("RLIMIT_NOFILE", 256, 256)]
-    if os.getuid() != 0:
-        tasks = _user_task_count(os.getuid())
-        if tasks is not None:
-            limits.append(("RLIMIT_NPROC", tasks + max_procs + 1, tasks + max_procs + 1))
-    cfg = dict(root=root, main=main, limits=limits, max_procs=max_procs,
-               allow_network=allow_network)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": root, "TMPDIR": root,
+    if uid != 0:
+        tasks = _user_task_count(uid)
+        if tasks is not None:  # + the candidate, + its reaper under OS isolation
+            limits.append(("RLIMIT_NPROC", tasks + max_procs + 2, tasks + max_procs + 2))
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work,
            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out_path, err_path = os.path.join(root, ".stdout"), os.path.join(root, ".stderr")
-    # The child's fork counter: the bootstrap opens it by this name and unlinks it; our fd tells
-    # afterwards whether anything forked (and needs waiting for).
-    counter = os.open(os.path.join(root, ".forks"),
-                      os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_APPEND, 0o600)
-    with (open(out_path, "wb") as out, open(err_path, "wb") as err,
+    out_path, err_path = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+    # The child's fork counter: an unlinked file shared by every fork (the bootstrap gets the
+    # fd); our fd tells afterwards whether anything forked (and needs waiting for).
+    counter_path = os.path.join(d, "forks")
+    counter = os.open(counter_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_APPEND, 0o600)
+    os.unlink(counter_path)
+    status_r, status_w = os.pipe() if boot["reaper"] else (None, None)
+    cfg = dict(work=work, main=main, limits=limits, max_procs=max_procs,
+               allow_network=allow_network, counter=counter, status_fd=status_w,
+               readable=iso.read_allowed(), **boot)
+    with (open(main, "rb") as program, open(out_path, "wb") as out, open(err_path, "wb") as err,
           os.fdopen(counter, "rb") as forks):
         try:
             # No preexec_fn: it is unsafe in a threaded caller; the bootstrap sets the limits.
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)],
-                cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True)
+                argv + [json.dumps(cfg)], cwd=work, env=env, stdin=program, stdout=out,
+                stderr=err, start_new_session=True, close_fds=True,
+                pass_fds=(counter,) + ((status_w,) if status_w is not None else ()))
         except (OSError, subprocess.SubprocessError) as e:
+            for fd in (status_r, status_w):
+                if fd is not None:
+                    os.close(fd)
             return SandboxResult(None, "", "", False, f"spawn failed: {e}")
+        if status_w is not None:
+            os.close(status_w)
         timed_out = True
         try:
             timed_out = not _wait_exit(proc.pid, timeout_s)
@@ -141,10 +178,16 @@ def _run(code, root, timeout_s, memory_mb, max_procs, allow_network, max_output_
             proc.wait()
             if os.fstat(forks.fileno()).st_size:
                 _wait_group_dead(proc.pid, timeout_s=1.0)
+    returncode = proc.returncode
+    if status_r is not None:  # the reaper's report of the candidate's wait status
+        with os.fdopen(status_r, "rb") as status:
+            reported = status.read(32)
+        if reported.isdigit() and not timed_out:
+            returncode = os.waitstatus_to_exitcode(int(reported))
     stdout = _read_capped(out_path, max_output_bytes)
     stderr = _read_capped(err_path, max_output_bytes)
-    return SandboxResult(proc.returncode, stdout, stderr, timed_out,
-                         _killed_reason(proc.returncode, timed_out, stderr))
+    return SandboxResult(returncode, stdout, stderr, timed_out,
+                         _killed_reason(returncode, timed_out, stderr))
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:
@@ -252,10 +295,38 @@ def _user_task_count(uid: int) -> int | None:
 # hook reads only positional defaults bound at install time (an immutable tuple), so candidate
 # code cannot rebind what it uses; replacing __code__/__defaults__ raises an audit event the
 # hook denies.
-_BOOTSTRAP = r'''
+_BOOTSTRAP = iso.JAIL + r'''
 def _sandbox_main():
     import json, os, resource, signal, sys
-    cfg = json.loads(sys.argv[1])
+    cfg = json.loads(sys.argv[-1])
+    chunks = []
+    while True:  # the program arrives on stdin; the candidate then gets /dev/null
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    source = b"".join(chunks)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if cfg["jail"] is not None:
+        _jail(cfg["jail"])
+    if cfg["reaper"]:
+        # Under OS isolation this process may be pid 1 of its namespace, which ignores
+        # default-action signals: it only reaps; the candidate runs in its child.
+        pid = os.fork()
+        if pid:
+            while True:
+                try:
+                    status = os.waitpid(pid, 0)[1]
+                    break
+                except InterruptedError:
+                    continue
+            os.write(cfg["status_fd"], str(status).encode())
+            os._exit(0)
+        os.close(cfg["status_fd"])
+    if cfg["drop"] is not None:
+        _drop_privileges(cfg["drop"])
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: die at the output cap
     for name, soft, hard in cfg["limits"]:
         res = getattr(resource, name)
@@ -263,13 +334,9 @@ def _sandbox_main():
         if cur_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, cur_hard), min(hard, cur_hard)
         resource.setrlimit(res, (soft, hard))
-    root = cfg["root"]
-    counter_path = os.path.join(root, ".forks")  # created empty by the parent
-    counter = os.open(counter_path, os.O_RDWR | os.O_APPEND)
-    os.unlink(counter_path)
+    root = cfg["work"]
+    counter = cfg["counter"]
     st = os.fstat(counter)
-    with open(cfg["main"], "rb") as f:
-        source = f.read()
 
     net = frozenset(() if cfg["allow_network"] else (
         "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.gethostbyaddr",
@@ -288,26 +355,44 @@ def _sandbox_main():
              ("os.chflags", ((0, -1),)), ("shutil.rmtree", ((0, 1),)))
     path_events = frozenset(name for name, _ in paths)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    readable = tuple(p.rstrip("/") for p in cfg["readable"])
 
-    def inside(path, dir_fd=None, _root=root, _prefix=root + os.sep, _join=os.path.join,
-               _realpath=os.path.realpath, _fsdecode=os.fsdecode):
+    def resolve(path, dir_fd=None, _join=os.path.join, _realpath=os.path.realpath,
+                _fsdecode=os.fsdecode):
         if isinstance(path, int):
             path = f"/proc/self/fd/{path}"
         path = _fsdecode(path)
         if dir_fd is not None and not path.startswith("/"):
             path = _join(f"/proc/self/fd/{dir_fd}", path)
-        path = _realpath(path)
+        return _realpath(path)
+
+    def inside(path, dir_fd=None, _root=root, _prefix=root + os.sep, _resolve=resolve):
+        path = _resolve(path, dir_fd)
         return path == _root or path.startswith(_prefix) or path == "/dev/null"
 
+    def may_read(path, _inside=inside, _resolve=resolve, _readable=readable,
+                 _getpid=os.getpid):
+        if _inside(path):
+            return True
+        path = _resolve(path)
+        if path.startswith(f"/proc/{_getpid()}/"):
+            return True
+        return any(path == p or path.startswith(p + "/") for p in _readable)
+
     def hook(event, args, _net=net, _denied=denied, _paths=paths, _path_events=path_events,
-             _wf=write_flags,
-             _inside=inside, _counter=counter, _ident=(st.st_dev, st.st_ino),
+             _wf=write_flags, _inside=inside, _may_read=may_read,
+             _counter=counter, _ident=(st.st_dev, st.st_ino),
              _max=cfg["max_procs"], _write=os.write, _fstat=os.fstat, _getpgid=os.getpgid,
              _getpgrp=os.getpgrp, _Denied=PermissionError):
         if event == "open":
-            if (not isinstance(args[0], int) and isinstance(args[2], int) and args[2] & _wf
-                    and not _inside(args[0])):
-                raise _Denied(f"sandbox: writing outside the sandbox directory: {args[0]!r}")
+            if isinstance(args[0], int):
+                pass  # an fd it already holds
+            elif isinstance(args[2], int) and args[2] & _wf:
+                if not _inside(args[0]):
+                    raise _Denied(f"sandbox: writing outside the sandbox directory: {args[0]!r}")
+            elif not _may_read(args[0]):
+                raise _Denied(f"sandbox: reading outside the sandbox and the interpreter: "
+                              f"{args[0]!r}")
         elif event in _path_events:
             for i, d in next(spec for name, spec in _paths if name == event):
                 if i < len(args) and not _inside(args[i], args[d] if 0 <= d < len(args) else None):
@@ -341,7 +426,8 @@ def _sandbox_main():
             if not ok:
                 raise _Denied("sandbox: signals outside the sandbox's process group")
         elif (event in ("object.__setattr__", "object.__delattr__")
-              and (args[0] is hook or args[0] is _inside)):
+              and (args[0] is hook or args[0] is _inside or args[0] is _may_read
+                   or args[0] is resolve)):
             raise _Denied("sandbox: the guard cannot be modified")
 
     import posix, _posixsubprocess
@@ -356,7 +442,8 @@ def _sandbox_main():
 
     code = compile(source, cfg["main"], "exec")
     main = sys.modules["__main__"]
-    main.__dict__.pop("_sandbox_main", None)
+    for name in ("_sandbox_main", "_jail", "_drop_privileges"):
+        main.__dict__.pop(name, None)
     main.__file__ = cfg["main"]
     sys.argv = [cfg["main"]]
     exec(code, main.__dict__)
