@@ -46,7 +46,7 @@ def test_exact_match():
     ("\\boxed{\\dfrac{3}{4}}", "3/4"),
     ("$\\boxed{-\\tfrac{3}{4}}$", "-0.75"),
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # nested braces, non-numeric
-    ("first \\boxed{7}, finally \\boxed{\\left(1, 2\\right)}", "(1,2)"),
+    ("\\boxed{\\left(1, 2\\right)}, i.e. \\boxed{(1,2)}", "(1,2)"),  # boxed twice, one answer
     ("\\boxed{1,000}", "1000"),
     ("The total is $1{,}000$ dollars", "1000"),
     ("It costs 1,234,567.50 in all", "1234567.5"),
@@ -77,6 +77,34 @@ def test_math_equivalent(response, answer):
 ])
 def test_math_wrong(response, answer):
     assert get_reward("math")(response, {"answer": answer}) == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    "\\boxed{4} or \\boxed{5}",
+    "first \\boxed{7}, finally \\boxed{\\left(1, 2\\right)}",
+    "\\boxed{5} ... no wait \\boxed{4}",
+])
+def test_math_several_answers_score_zero(response):
+    answer = "4" if "\\boxed{4}" in response else "(1,2)"
+    math = get_reward("math")
+    assert math(response, {"answer": answer}) == 0.0  # strict by default
+    last = math(response, {"answer": answer, "distinct_answers": "last"})
+    assert last == float(rewards.math_equal(rewards.last_boxed(response), answer))
+    assert math("\\boxed{4} = \\boxed{4.0}", {"answer": "4"}) == 1.0  # the same answer twice
+    with pytest.raises(RewardError, match="distinct_answers"):
+        math(response, {"answer": answer, "distinct_answers": "first"})
+
+
+def test_math_distinct_answers_setting():
+    math = get_reward("math")
+    try:
+        assert "math distinct answers -> last" in rewards.configure(distinct_answers="last")
+        assert math("\\boxed{5} or \\boxed{4}", {"answer": "4"}) == 1.0
+    finally:
+        rewards.configure(distinct_answers="zero")
+    assert math("\\boxed{5} or \\boxed{4}", {"answer": "4"}) == 0.0
+    with pytest.raises(RewardError, match="rewards.math.distinct_answers"):
+        rewards.configure(distinct_answers="sometimes")
 
 
 def test_math_helpers():
@@ -277,7 +305,7 @@ def test_score_batch_from_threads():
 
 def test_registry_errors():
     with pytest.raises(RewardError, match="unknown reward 'nope'; known rewards: code, "
-                                          "exact_match, math"):
+                                          "exact_match, ifeval, ifeval_loose, math"):
         get_reward("nope")
     with pytest.raises(RewardError, match="record 0 has no 'reward' field"):
         score_batch(["x"], [dict(prompt="p", domain="d")])

@@ -21,6 +21,7 @@ namespace, so forked children cannot outlive the candidate.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -45,7 +46,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def exposed_paths() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def site_paths() -> tuple[str, ...]:
+    """The interpreter's site-packages directories (the child runs without the site module)."""
+    paths = sysconfig.get_paths()
+    return tuple(dict.fromkeys(paths[k] for k in ("purelib", "platlib")))
+
+
+@functools.lru_cache(maxsize=1)
+def exposed_paths() -> tuple[str, ...]:
     """Read-only paths the candidate sees: system directories and the interpreter's own
     (stdlib, site-packages, prefixes); nothing else of the host file system."""
     paths = {p for p in _SYSTEM if os.path.lexists(p)}
@@ -61,14 +70,15 @@ def exposed_paths() -> list[str]:
     keep = sorted(p for p in paths
                   if not any(p != q and p.startswith(q.rstrip("/") + "/") and not
                              os.path.islink(q) for q in paths))
-    return keep
+    return tuple(keep)
 
 
-def read_allowed() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def read_allowed() -> tuple[str, ...]:
     """Path prefixes the in-process guard lets the candidate open for reading (besides its
     work dir and its own /proc entry): the same as ``exposed_paths`` plus a few devices."""
-    return [os.path.realpath(p) for p in exposed_paths()] + list(_DEVICES) + [
-        "/proc/cpuinfo", "/proc/meminfo", "/sys/devices/system/cpu"]
+    return tuple(os.path.realpath(p) for p in exposed_paths()) + _DEVICES + (
+        "/proc/cpuinfo", "/proc/meminfo", "/sys/devices/system/cpu")
 
 
 def command(mode: str, argv: list[str], work: str, allow_network: bool) -> tuple[list, dict]:
@@ -85,7 +95,7 @@ def command(mode: str, argv: list[str], work: str, allow_network: bool) -> tuple
         if not root:
             cmd.append("--unshare-user")
         made = set()
-        for p in exposed_paths() + [work]:
+        for p in exposed_paths() + (work,):
             # bwrap makes missing parents 0700 when run as root: make them 0755 first
             for parent in _ancestors(p):
                 if parent not in made:

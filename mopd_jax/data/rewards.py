@@ -1,9 +1,10 @@
 """Reward functions: ``fn(response, record) -> float`` in [0, 1], looked up by name.
 
 A record is a prompt data record (see ``sources``); it picks its reward by ``record["reward"]``
-and carries what the reward needs: ``answer`` (``exact_match``, ``math``) or ``tests``
-(``code``). ``score_batch`` scores a batch, running subprocess-bound rewards (``code``) in a
-thread pool. Add a reward with ``@register("name")``.
+and carries what the reward needs: ``answer`` (``exact_match``, ``math``), ``tests`` or
+``input_output`` (``code``), ``constraints`` (``ifeval``). ``score_batch`` scores a batch,
+running subprocess-bound rewards (``code``) in a thread pool. Add a reward with
+``@register("name")``; ``configure`` sets the run-wide knobs (``rewards:`` in the config).
 
 Built-ins:
 
@@ -12,28 +13,32 @@ Built-ins:
   as an exact rational (``0.5`` == ``\\frac{1}{2}`` == ``1/2``, ``1,000`` == ``1000``) or,
   when either side is not a number, as a normalised LaTeX string (``\\dfrac``/``\\tfrac``,
   ``\\left(``/``\\right)``, ``$``, spaces, ``\\text{}``, ``%`` and a leading ``x =`` removed).
-  No symbolic algebra: ``\\sqrt{8}`` and ``2\\sqrt{2}`` differ.
+  No symbolic algebra: ``\\sqrt{8}`` and ``2\\sqrt{2}`` differ. A response boxing several
+  different answers (``\\boxed{4} or \\boxed{5}``) scores 0, as strict graders do
+  (``rewards.math.distinct_answers: last`` grades the last one instead; a record may set
+  ``distinct_answers`` too).
 * ``code``: the last fenced python block of the response (else the last untagged block, else
-  the whole response) runs in ``sandbox.run_python`` with the test snippets ``tests`` (a string
-  of asserts or a list of them): reward = fraction of snippets that pass, 0 on a crash, a
-  timeout, or no report. Optional record fields ``timeout_s`` and ``memory_mb`` tune the
-  sandbox. The tests run in the candidate's process, so a deliberately adversarial candidate
-  can fake passing (e.g. objects whose ``__eq__`` is always True); only the report channel is
-  protected by a random token.
+  the whole response) runs in a sandboxed child against the record's tests (assert snippets,
+  call cases, stdin/stdout cases, APPS-style ``input_output``; see ``code_tests``). The child
+  only computes; the expected values stay in this process, which compares. Reward = fraction
+  of tests passing; 0 on a crash, a timeout, or a tampered report. Optional record fields
+  ``timeout_s`` (whole candidate, default 5) and ``memory_mb`` (default 512) tune the sandbox;
+  ``rewards.code.isolation`` picks its OS isolation (``isolation``).
+* ``ifeval`` / ``ifeval_loose``: the fraction of the record's verifiable instructions the
+  response follows (``instructions``), strict or IFEval's loose variant.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import re
-import secrets
 from fractions import Fraction
 from typing import Callable
 
 import numpy as np
 
-from mopd_jax.data import sandbox
+from mopd_jax.data import code_tests, instructions
+from mopd_jax.data import isolation as iso
 
 RewardFn = Callable[[str, dict], float]
 REWARDS: dict[str, RewardFn] = {}
@@ -42,6 +47,39 @@ _PARALLEL: set[str] = set()  # rewards that wait on a subprocess: score_batch th
 
 class RewardError(ValueError):
     """Unknown reward, a record missing what its reward needs, or a reward out of [0, 1]."""
+
+
+DISTINCT_ANSWERS = ("zero", "last")
+_SETTINGS = {"isolation": "auto", "distinct_answers": "zero"}
+
+
+def configure(settings=None, *, isolation: str | None = None,
+              distinct_answers: str | None = None) -> str:
+    """Set the run-wide reward knobs; returns the run-header line saying what they give here.
+
+    ``settings`` is the config's ``rewards`` section (``.code.isolation``,
+    ``.math.distinct_answers``); keywords override it. An OS isolation that does not work on
+    this machine raises ``IsolationError`` naming the fix.
+    """
+    if settings is not None:
+        isolation = isolation or settings.code.isolation
+        distinct_answers = distinct_answers or settings.math.distinct_answers
+    if isolation is not None:
+        iso.resolve(isolation)  # fail now, at start-up, not at the first code prompt
+        _SETTINGS["isolation"] = isolation
+    if distinct_answers is not None:
+        _SETTINGS["distinct_answers"] = _check_distinct(distinct_answers,
+                                                        "rewards.math.distinct_answers")
+    return (f"rewards: code sandbox isolation {iso.describe(_SETTINGS['isolation'])}; "
+            f"math distinct answers -> {_SETTINGS['distinct_answers']}")
+
+
+def _check_distinct(value, where: str) -> str:
+    if value not in DISTINCT_ANSWERS:
+        raise RewardError(f"{where}: {value!r} is not one of {', '.join(DISTINCT_ANSWERS)} "
+                          "(zero: several different boxed answers score 0; last: grade the "
+                          "last)")
+    return value
 
 
 def register(name: str, *, parallel: bool = False) -> Callable[[RewardFn], RewardFn]:
@@ -206,6 +244,19 @@ def math_equal(predicted: str, target: str) -> bool:
     return a == b and a != ""
 
 
+def boxed_all(text: str) -> list[str]:
+    """Contents of every complete ``\\boxed{...}`` in ``text``, in order."""
+    out = []
+    for m in _BOXED.finditer(text):
+        depth = 1
+        for j in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append(text[m.end():j])
+                break
+    return out
+
+
 @register("math")
 def math_reward(response: str, record: dict) -> float:
     """1.0 iff the response's final answer equals ``record['answer']`` (see module doc)."""
@@ -214,6 +265,10 @@ def math_reward(response: str, record: dict) -> float:
     predicted = final_answer(response)
     if predicted is None or target is None:
         return 0.0
+    distinct = record.get("distinct_answers", _SETTINGS["distinct_answers"])
+    if _check_distinct(distinct, "record['distinct_answers']") == "zero" and any(
+            not math_equal(b, predicted) for b in boxed_all(response)):
+        return 0.0  # hedged: several different final answers
     return float(math_equal(predicted, target))
 
 
@@ -221,39 +276,6 @@ def math_reward(response: str, record: dict) -> float:
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3")
-
-# Runs in the sandbox: candidate first (as module "solution", so `if __name__ == "__main__"`
-# blocks stay quiet), then each snippet in a copy of its namespace. Candidate output goes to
-# /dev/null; one report line, prefixed by a random token, goes to the saved real stdout, then
-# os._exit skips atexit handlers and non-daemon threads the candidate may have left.
-_HARNESS = r'''
-def _harness(candidate, tests, token, *, _dumps=__import__("json").dumps,
-             _write=__import__("os").write, _exit=__import__("os")._exit):
-    import os, sys, types
-    report = os.dup(1)
-    sink = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(sink, 1)
-    os.dup2(sink, 2)
-    solution = types.ModuleType("solution")
-    sys.modules["solution"] = solution
-    passed = []
-    try:
-        exec(compile(candidate, "solution.py", "exec"), solution.__dict__)
-        loaded = True
-    except BaseException:
-        loaded = False
-    for test in tests:
-        try:
-            if not loaded:
-                raise RuntimeError("candidate failed")
-            exec(compile(test, "test.py", "exec"), dict(solution.__dict__))
-            passed.append(True)
-        except BaseException:
-            passed.append(False)
-    _write(report, (token + _dumps(passed) + "\n").encode())
-    _exit(0)
-'''
-
 
 def extract_code(response: str) -> str:
     """Last ```python block (an unclosed final block counts), else last untagged block, else
@@ -268,24 +290,43 @@ def extract_code(response: str) -> str:
 
 @register("code", parallel=True)
 def code_reward(response: str, record: dict) -> float:
-    """Fraction of ``record['tests']`` snippets passing against the response's code."""
-    tests = _field(record, "tests", "code")
-    tests = [tests] if isinstance(tests, str) else list(tests)
-    if not tests or not all(isinstance(t, str) for t in tests):
-        raise RewardError(f"reward 'code' needs record['tests'] = a string of Python test code "
-                          f"or a non-empty list of them, got {record['tests']!r:.200}")
-    token = "@@mopd-report-" + secrets.token_hex(16) + "@@"
-    program = f"{_HARNESS}\n_harness({extract_code(response)!r}, {tests!r}, {token!r})\n"
-    result = sandbox.run_python(program, timeout_s=float(record.get("timeout_s", 5.0)),
-                                memory_mb=int(record.get("memory_mb", 512)))
-    if not result.ok:
-        return 0.0
-    reports = [line[len(token):] for line in result.stdout.splitlines()
-               if line.startswith(token)]
+    """Fraction of the record's tests passing against the response's code (module doc)."""
+    if "input_output" not in record:
+        tests = _field(record, "tests", "code")
+        if not tests or not isinstance(tests, (str, dict, list)):
+            raise RewardError(f"reward 'code' needs record['tests'] = a test (an assert "
+                              f"snippet or a case object) or a non-empty list of them, got "
+                              f"{tests!r:.200}")
     try:
-        passed = json.loads(reports[-1])
-    except (IndexError, ValueError):
-        return 0.0
-    if not isinstance(passed, list) or len(passed) != len(tests):
-        return 0.0
-    return sum(p is True for p in passed) / len(tests)
+        plan = code_tests.plan_for(record)
+    except code_tests.TestFormatError as e:
+        raise RewardError(f"reward 'code': record {str(record.get('prompt'))[:60]!r}: {e}; "
+                          "see mopd_jax/data/code_tests.py for the formats") from None
+    passed = code_tests.judge(extract_code(response), plan,
+                              timeout_s=float(record.get("timeout_s", 5.0)),
+                              memory_mb=int(record.get("memory_mb", 512)),
+                              isolation=_SETTINGS["isolation"])
+    return sum(passed) / len(passed)
+
+
+# --- instruction following -----------------------------------------------------------------
+
+@register("ifeval")
+def ifeval_reward(response: str, record: dict) -> float:
+    """Fraction of ``record['constraints']`` (or IFEval's ``instruction_id_list`` +
+    ``kwargs``) the response meets, strictly."""
+    return _instructions(response, record, loose=False)
+
+
+@register("ifeval_loose")
+def ifeval_loose_reward(response: str, record: dict) -> float:
+    """As ``ifeval``, IFEval's loose variant: a constraint counts as met when it holds after
+    dropping the first and/or last line or the markdown ``*``."""
+    return _instructions(response, record, loose=True)
+
+
+def _instructions(response: str, record: dict, loose: bool) -> float:
+    try:
+        return instructions.score(response, record, loose=loose)
+    except instructions.InstructionError as e:
+        raise RewardError(f"reward {'ifeval_loose' if loose else 'ifeval'}: {e}") from None

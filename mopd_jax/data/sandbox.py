@@ -41,7 +41,6 @@ child prints is trusted). Beyond that: cgroup ``pids.max``/``memory.max``, or ns
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import resource
 import select
@@ -122,7 +121,9 @@ def _run(code, d, mode, timeout_s, memory_mb, max_procs, allow_network, max_outp
     main = os.path.join(d, "main.py")
     with open(main, "w", encoding="utf-8", errors="replace") as f:
         f.write(code)
-    argv, boot = iso.command(mode, [sys.executable, "-I", "-B", "-c", _BOOTSTRAP], work,
+    # -S: no site module (its .pth processing, e.g. an editable install's finder, is most of
+    # the start-up time); the bootstrap puts site-packages on sys.path itself.
+    argv, boot = iso.command(mode, [sys.executable, "-I", "-B", "-S", "-c", _BOOTSTRAP], work,
                              allow_network)
     drop = boot["drop"]
     uid = drop["uid"] if isinstance(drop, dict) else os.getuid()
@@ -148,7 +149,7 @@ def _run(code, d, mode, timeout_s, memory_mb, max_procs, allow_network, max_outp
     counter = os.open(counter_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_APPEND, 0o600)
     os.unlink(counter_path)
     status_r, status_w = os.pipe() if boot["reaper"] else (None, None)
-    cfg = dict(work=work, main=main, limits=limits, max_procs=max_procs,
+    cfg = dict(work=work, main=main, limits=limits, max_procs=max_procs, site=iso.site_paths(),
                allow_network=allow_network, counter=counter, status_fd=status_w,
                readable=iso.read_allowed(), **boot)
     with (open(main, "rb") as program, open(out_path, "wb") as out, open(err_path, "wb") as err,
@@ -156,7 +157,7 @@ def _run(code, d, mode, timeout_s, memory_mb, max_procs, allow_network, max_outp
         try:
             # No preexec_fn: it is unsafe in a threaded caller; the bootstrap sets the limits.
             proc = subprocess.Popen(
-                argv + [json.dumps(cfg)], cwd=work, env=env, stdin=program, stdout=out,
+                argv + [repr(cfg)], cwd=work, env=env, stdin=program, stdout=out,
                 stderr=err, start_new_session=True, close_fds=True,
                 pass_fds=(counter,) + ((status_w,) if status_w is not None else ()))
         except (OSError, subprocess.SubprocessError) as e:
@@ -297,8 +298,10 @@ def _user_task_count(uid: int) -> int | None:
 # hook denies.
 _BOOTSTRAP = iso.JAIL + r'''
 def _sandbox_main():
-    import json, os, resource, signal, sys
-    cfg = json.loads(sys.argv[-1])
+    # no json, signal or site: their imports (re, enum, ...) would be most of the start-up
+    import _signal, os, resource, sys
+    cfg = eval(sys.argv[-1], {"__builtins__": {}})  # our own repr() of plain data
+    sys.path.extend(p for p in cfg["site"] if p not in sys.path)
     chunks = []
     while True:  # the program arrives on stdin; the candidate then gets /dev/null
         chunk = os.read(0, 1 << 20)
@@ -327,7 +330,7 @@ def _sandbox_main():
         os.close(cfg["status_fd"])
     if cfg["drop"] is not None:
         _drop_privileges(cfg["drop"])
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: die at the output cap
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)  # Python ignores it: die at the cap
     for name, soft, hard in cfg["limits"]:
         res = getattr(resource, name)
         _, cur_hard = resource.getrlimit(res)
