@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from models.config import ModelConfig, ModelConfigError, preset
+from mopd_jax.data.isolation import MODES as _ISOLATION_MODES
+from mopd_jax.data.rewards import DISTINCT_ANSWERS as _DISTINCT_ANSWERS
 from mopd_jax.sharding import MeshConfig, MeshError
 
 
@@ -95,6 +97,35 @@ class DataConfig:
         _check(self.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
         for d, w in self.weights.items():
             _check(w > 0, f"data.weights.{d}", f"must be > 0, got {w}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeRewardConfig:
+    """The ``code`` reward's sandbox (``mopd_jax/data/isolation.py``)."""
+
+    isolation: typing.Literal[_ISOLATION_MODES] = "auto"
+    """OS isolation of each candidate: bwrap or unshare (no network, read-only system and
+    interpreter dirs, only its work dir writable, uid nobody under root), none (rlimits and
+    the in-process guard), auto (the first that works here; the run header says which)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MathRewardConfig:
+    """The ``math`` reward."""
+
+    distinct_answers: typing.Literal[_DISTINCT_ANSWERS] = "zero"
+    """A response boxing several different answers: zero (scores 0, as strict graders do) or
+    last (the last one is graded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardsConfig:
+    """Run-wide settings of the built-in rewards (records choose which reward)."""
+
+    code: CodeRewardConfig = CodeRewardConfig()
+    """``code`` reward sandbox."""
+    math: MathRewardConfig = MathRewardConfig()
+    """``math`` reward grading."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +338,8 @@ class Config:
     """Optimizer and schedule; ``total_steps`` is also the number of training steps."""
     data: DataConfig = DataConfig()
     """Prompt sources and mixing."""
+    rewards: RewardsConfig = RewardsConfig()
+    """Reward settings (code sandbox isolation, math grading)."""
     rollout: RolloutConfig = RolloutConfig()
     """Student sampling."""
     sft: SFTConfig = SFTConfig()
