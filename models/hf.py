@@ -1,15 +1,18 @@
-"""Hugging Face Qwen3 / Qwen3-MoE checkpoints in and out.
+"""Hugging Face checkpoints in and out, for every family.
 
 Import streams safetensors tensor by tensor (memory-mapped, so only one tensor is resident on
 the host at a time) straight into the target shardings with ``jax.make_array_from_callback``;
-export writes the Hub layout (per-expert keys) that ``transformers`` loads. One table,
-``_param_table``, states the mapping both ways.
+export writes the Hub layout (per-expert keys) that ``transformers`` loads. The family
+(chosen from config.json's ``model_type``) translates config.json both ways and states its
+weight mapping as one table (``param_table``), which is read in both directions; the shared
+decoder keys are ``decoder_table``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,9 +21,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from models import registry
 from models.config import ModelConfig
-
-SUPPORTED = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 class HFCheckpointError(ValueError):
@@ -116,7 +118,7 @@ def _read_json(path: Path) -> dict:
         raise HFCheckpointError(f"{path}: not valid JSON ({e})")
 
 
-class _RequiredFields(dict):
+class RequiredFields(dict):
     """config.json whose ``c[name]`` names the file and field when the field is absent."""
 
     def __init__(self, c: dict, where: str):
@@ -127,154 +129,131 @@ class _RequiredFields(dict):
         raise HFCheckpointError(f"{self.where}: missing field {name!r}, which this "
                                 f"architecture needs; add it to config.json")
 
+    def fail(self, msg: str):
+        raise HFCheckpointError(f"{self.where}: {msg}")
+
+
+def read_hf_config(src: str | Path | dict) -> RequiredFields:
+    """config.json (dir, file or dict) with field-naming errors."""
+    if isinstance(src, dict):
+        return RequiredFields(src, "config.json")
+    p = Path(src)
+    p = p / "config.json" if p.is_dir() or not p.suffix else p
+    return RequiredFields(_read_json(p), str(p))
+
+
+def hf_dtype(c: dict) -> str:
+    dtype = c.get("dtype", c.get("torch_dtype", "float32"))
+    return "bfloat16" if dtype == "bfloat16" else "float32"
+
+
+def hf_layer_types(c: RequiredFields, n_layers: int):
+    """Our per-layer attention kinds from ``layer_types`` (or Qwen's ``max_window_layers``)."""
+    if c.get("layer_types"):
+        return tuple("sliding" if t == "sliding_attention" else "full" for t in c["layer_types"])
+    if c.get("use_sliding_window") and c.get("sliding_window"):
+        mw = c.get("max_window_layers", n_layers)
+        return tuple("sliding" if i >= mw else "full" for i in range(n_layers))
+    return None
+
 
 def config_from_hf(src: str | Path | dict, **overrides) -> ModelConfig:
-    """ModelConfig from a ``config.json`` (dir, file or dict); both transformers-5 spellings."""
-    if isinstance(src, dict):
-        c, where = src, "config.json"
-    else:
-        p = Path(src)
-        p = p / "config.json" if p.is_dir() or not p.suffix else p
-        c, where = _read_json(p), str(p)
+    """ModelConfig from a ``config.json`` (dir, file or dict) of any registered family."""
+    c = read_hf_config(src)
     arch = (c.get("architectures") or [None])[0]
-    mtype = c.get("model_type")
-    c = _RequiredFields(c, where)
-    if arch not in SUPPORTED and mtype not in ("qwen3", "qwen3_moe"):
-        raise HFCheckpointError(f"{where}: unsupported architecture {arch or mtype!r}; "
-                                f"supported: {list(SUPPORTED)}")
-    if c.get("attention_bias"):
-        raise HFCheckpointError(f"{where}: attention_bias=true is not supported by the Qwen3 "
-                                "family here")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise HFCheckpointError(f"{where}: rope type {rope.get('rope_type')!r} is not "
-                                "supported; only default RoPE")
-    n_layers = c["num_hidden_layers"]
-    layer_types = None
-    if c.get("layer_types"):
-        layer_types = tuple("sliding" if t == "sliding_attention" else "full"
-                            for t in c["layer_types"])
-    elif c.get("use_sliding_window") and c.get("sliding_window"):
-        mw = c.get("max_window_layers", n_layers)
-        layer_types = tuple("sliding" if i >= mw else "full" for i in range(n_layers))
-    if layer_types is not None and "sliding" not in layer_types:
-        layer_types = None
-    num_experts = c.get("num_experts", c.get("num_local_experts", 0)) or 0
-    if mtype == "qwen3" or arch == "Qwen3ForCausalLM":
-        num_experts = 0
-    dtype = c.get("dtype", c.get("torch_dtype", "float32"))
-    dtype = "bfloat16" if dtype == "bfloat16" else "float32"
-    kw = dict(
-        name=c.get("_name_or_path") or arch or "hf", vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        num_layers=n_layers, num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-        head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-        rope_theta=float(theta), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        max_position_embeddings=c.get("max_position_embeddings", 40960),
-        layer_types=layer_types,
-        sliding_window=c.get("sliding_window") if layer_types else None,
-        num_experts=num_experts, dtype=dtype, param_dtype=dtype,
-    )
-    if num_experts:
-        kw.update(num_experts_per_tok=c["num_experts_per_tok"],
-                  moe_intermediate_size=c["moe_intermediate_size"],
-                  norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-                  decoder_sparse_step=c.get("decoder_sparse_step", 1),
-                  mlp_only_layers=tuple(c.get("mlp_only_layers") or ()),
-                  router_aux_loss_coef=c.get("router_aux_loss_coef", 0.001))
-    kw.update(overrides)
+    try:
+        name = registry.family_for_hf(c.get("model_type"), arch)
+    except registry.UnknownFamilyError as e:
+        raise HFCheckpointError(f"{c.where}: {e}") from None
+    kw = registry.family(name).config_kwargs(c)
+    kw.setdefault("name", c.get("_name_or_path") or arch or "hf")
+    kw.update(family=name, **overrides)
     return ModelConfig(**kw)
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    """A ``config.json`` for ``cfg`` that transformers loads as Qwen3 or Qwen3-MoE."""
-    if cfg.attention_sink:
-        raise HFCheckpointError("model.attention_sink: Qwen3 on the Hub has no attention "
-                                "sinks; export this model as an Orbax checkpoint instead")
-    moe = cfg.is_moe
-    c = {
-        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
-        "model_type": "qwen3_moe" if moe else "qwen3",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
-        "attention_dropout": 0.0, "dtype": cfg.param_dtype, "use_cache": True,
-    }
-    if cfg.layer_types is not None:
-        c["layer_types"] = ["sliding_attention" if t == "sliding" else "full_attention"
-                            for t in cfg.layer_types]
-        c["use_sliding_window"] = True
-        c["sliding_window"] = cfg.sliding_window
-        c["max_window_layers"] = cfg.num_layers
-    if moe:
-        c.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                 moe_intermediate_size=cfg.moe_intermediate_size,
-                 norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
-                 mlp_only_layers=list(cfg.mlp_only_layers),
-                 router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False)
-    return c
+    """A ``config.json`` for ``cfg`` that transformers loads as its family's class."""
+    return registry.family(cfg.family).hf_config(cfg)
 
 
 # ----------------------------------------------------------------------- the mapping table
-class _Entry:
-    """One of our parameters: its HF keys and the two directions of the transform."""
+class Entry:
+    """One of our parameters: its HF keys and the two directions of the transform.
 
-    def __init__(self, keys: list[str], to_ours: Callable, to_hf: Callable):
+    ``alternatives``: other key lists a checkpoint may store the same tensor under (read on
+    import when ``keys`` are absent; export always writes ``keys``).
+    """
+
+    def __init__(self, keys: list[str], to_ours: Callable, to_hf: Callable,
+                 alternatives: tuple[list[str], ...] = ()):
         self.keys, self.to_ours, self.to_hf = keys, to_ours, to_hf
+        self.alternatives = alternatives
 
 
-def _param_table(cfg: ModelConfig) -> dict[tuple, _Entry]:
-    D, H, K, Hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    ident = lambda x: x  # noqa: E731
+def single(key, to_ours=None, to_hf=None, alternatives: tuple[str, ...] = ()) -> Entry:
+    to_ours, to_hf = to_ours or (lambda x: x), to_hf or (lambda x: x)
+    return Entry([key], lambda xs: to_ours(xs[0]),
+                 lambda y: {key: to_hf(y)}, tuple([a] for a in alternatives))
 
-    def single(key, to_ours=ident, to_hf=ident):
-        return _Entry([key], lambda xs: to_ours(xs[0]), lambda y: {key: to_hf(y)})
 
-    def head_in(key, n):  # HF [n*Hd, D] <-> ours [D, n, Hd]
-        return single(key, lambda x: x.T.reshape(D, n, Hd), lambda y: y.reshape(D, n * Hd).T)
+def transposed(key) -> Entry:
+    return single(key, lambda x: x.T, lambda y: y.T)
+
+
+def decoder_table(cfg: ModelConfig, *, sink_key: str = "self_attn.sinks",
+                  sink_alternatives: tuple[str, ...] = ()) -> dict[tuple, Entry]:
+    """The Hub keys of a Llama-style decoder (``model.layers.{i}.self_attn.q_proj`` ...), for
+    every feature ``cfg`` turns on (biases, QK-norm, sinks, MoE with per-expert keys)."""
+    D, H, Hd, Vd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.value_dim
+
+    def head_in(key, n, d):  # HF [n*d, D] <-> ours [D, n, d]
+        return single(key, lambda x: x.T.reshape(D, n, d), lambda y: y.reshape(D, n * d).T)
+
+    def head_bias(key, n, d):  # HF [n*d] <-> ours [n, d]
+        return single(key, lambda x: x.reshape(n, d), lambda y: y.reshape(n * d))
 
     t = {("embed",): single("model.embed_tokens.weight"),
          ("norm", "weight"): single("model.norm.weight")}
     if not cfg.tie_word_embeddings:
-        t[("lm_head",)] = single("lm_head.weight", lambda x: x.T, lambda y: y.T)
+        t[("lm_head",)] = transposed("lm_head.weight")
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
+        K = cfg.kv_heads(i)
         L = ("layers", i)
         t[L + ("input_layernorm", "weight")] = single(p + "input_layernorm.weight")
         t[L + ("post_attention_layernorm", "weight")] = single(
             p + "post_attention_layernorm.weight")
         a = L + ("self_attn",)
-        t[a + ("q_proj",)] = head_in(p + "self_attn.q_proj.weight", H)
-        t[a + ("k_proj",)] = head_in(p + "self_attn.k_proj.weight", K)
-        t[a + ("v_proj",)] = head_in(p + "self_attn.v_proj.weight", K)
+        t[a + ("q_proj",)] = head_in(p + "self_attn.q_proj.weight", H, Hd)
+        t[a + ("k_proj",)] = head_in(p + "self_attn.k_proj.weight", K, Hd)
+        t[a + ("v_proj",)] = head_in(p + "self_attn.v_proj.weight", K, Vd)
         t[a + ("o_proj",)] = single(p + "self_attn.o_proj.weight",
-                                    lambda x: x.T.reshape(H, Hd, D),
-                                    lambda y: y.reshape(H * Hd, D).T)
+                                    lambda x, K=K: x.T.reshape(H, Vd, D),
+                                    lambda y: y.reshape(H * Vd, D).T)
+        if cfg.attention_bias:
+            t[a + ("q_bias",)] = head_bias(p + "self_attn.q_proj.bias", H, Hd)
+            t[a + ("k_bias",)] = head_bias(p + "self_attn.k_proj.bias", K, Hd)
+            t[a + ("v_bias",)] = head_bias(p + "self_attn.v_proj.bias", K, Vd)
         if cfg.qk_norm:
             t[a + ("q_norm", "weight")] = single(p + "self_attn.q_norm.weight")
             t[a + ("k_norm", "weight")] = single(p + "self_attn.k_norm.weight")
-        if cfg.attention_sink:
-            t[a + ("sinks",)] = single(p + "self_attn.sinks")
+        if cfg.has_sinks(i):
+            t[a + ("sinks",)] = single(p + sink_key,
+                                       alternatives=tuple(p + k for k in sink_alternatives))
         m = L + ("mlp",)
         if cfg.is_moe_layer(i):
             E = cfg.num_experts
-            t[m + ("router",)] = single(p + "mlp.gate.weight", lambda x: x.T, lambda y: y.T)
+            t[m + ("router",)] = transposed(p + "mlp.gate.weight")
+            if cfg.router == "sigmoid":
+                t[m + ("router_bias",)] = single(p + "mlp.gate.e_score_correction_bias")
             for name in ("gate_proj", "up_proj", "down_proj"):
                 keys = [f"{p}mlp.experts.{e}.{name}.weight" for e in range(E)]
-                t[m + (name,)] = _Entry(
+                t[m + (name,)] = Entry(
                     keys, lambda xs: np.stack([x.T for x in xs]),
                     lambda y, keys=keys: {k: y[e].T for e, k in enumerate(keys)})
         else:
             for name in ("gate_proj", "up_proj", "down_proj"):
-                t[m + (name,)] = single(f"{p}mlp.{name}.weight", lambda x: x.T, lambda y: y.T)
+                t[m + (name,)] = transposed(f"{p}mlp.{name}.weight")
     return t
 
 
@@ -301,7 +280,13 @@ def load_hf_params(directory: str | Path, abstract_state, cfg: ModelConfig, shar
     builds only its addressable shards. Without it, arrays land on the default device.
     """
     src = SafetensorsDir(directory)
-    table = _param_table(cfg)
+    fam = registry.family(cfg.family)
+    table = fam.param_table(cfg)
+    skipped = [k for k in src.keys() if k.startswith(getattr(fam, "SKIPPED_PREFIXES", ()))]
+    if skipped:  # e.g. MiMo-V2-Flash's multi-token-prediction head: not part of the LM
+        print(f"note: {directory}: skipping {len(skipped)} tensors under "
+              f"{', '.join(sorted({k.split('.')[0] + '.' + k.split('.')[1] for k in skipped}))}"
+              " (not used by this model)", file=sys.stderr)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     shard_leaves = None if shardings is None else jax.tree.leaves(
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -339,10 +324,17 @@ def _check_shape(src: SafetensorsDir, name: str, got: tuple, want: tuple) -> Non
             f"{tuple(want)}; the checkpoint's config.json does not match its weights")
 
 
-def _load_entry(src: SafetensorsDir, entry: _Entry, key: tuple, cfg: ModelConfig,
+def _load_entry(src: SafetensorsDir, entry: Entry, key: tuple, cfg: ModelConfig,
                 want_shape: tuple) -> np.ndarray:
     """Our array for ``key``; every stored tensor's shape is checked before it is mapped."""
     missing = [k for k in entry.keys if k not in src]
+    for alt in entry.alternatives if missing else ():
+        if all(k in src for k in alt):
+            raw = [src.get(k) for k in alt]
+            hub = entry.to_hf(np.broadcast_to(np.zeros((), np.float32), want_shape))
+            for k, x, want in zip(alt, raw, hub.values()):
+                _check_shape(src, k, x.shape, want.shape)
+            return np.asarray(entry.to_ours(raw))
     if missing and len(key) >= 4 and key[2] == "mlp" and key[3] in ("gate_proj", "up_proj",
                                                                       "down_proj"):
         fused = _fused_expert_sources(src, cfg, key[1])
@@ -355,8 +347,9 @@ def _load_entry(src: SafetensorsDir, entry: _Entry, key: tuple, cfg: ModelConfig
             return np.asarray(fused[key[3]]())
     if missing:
         raise HFCheckpointError(f"{src.dir}: tensor {missing[0]!r} not found (and "
-                                f"{len(missing) - 1} more); is this a "
-                                f"{'Qwen3-MoE' if cfg.is_moe else 'Qwen3'} checkpoint?")
+                                f"{len(missing) - 1} more); is this a {cfg.family} "
+                                f"{'MoE ' if cfg.is_moe else ''}checkpoint as config.json "
+                                "says?")
     # The Hub shapes our parameter maps to, from a zero-stride view (nothing is allocated).
     hub = entry.to_hf(np.broadcast_to(np.zeros((), np.float32), want_shape))
     raw = [src.get(k) for k in entry.keys]
@@ -367,7 +360,7 @@ def _load_entry(src: SafetensorsDir, entry: _Entry, key: tuple, cfg: ModelConfig
 
 def iter_hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, host array) pairs, one parameter fetched to the host at a time."""
-    table = _param_table(cfg)
+    table = registry.family(cfg.family).param_table(cfg)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_var):
         key = _path_tuple(path)

@@ -11,13 +11,15 @@ import contextlib
 import math
 from typing import Callable
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
 
-Cache = dict  # {'k': [B, K, S, Hd], 'v': [B, K, S, Hd]} for one layer
+Cache = dict  # {'k': [B, K, S, Hd], 'v': [B, K, S, Vd]} for one layer
 
 _ACTIVATION_RULES: list[Callable] = []
 
@@ -73,15 +75,27 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split (rotate_half) convention, angles in float32."""
-    hd = x_BTNH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    ang = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+def default_inv_freq(cfg: ModelConfig, layer_idx: int) -> tuple[float, ...]:
+    """Plain RoPE inverse frequencies over the rotated dims of block ``layer_idx``."""
+    rot, theta = cfg.rotary_dim, cfg.layer_rope_theta(layer_idx)
+    return tuple(float(x) for x in 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float32)
+                                                   / rot)))
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+    """Rotary embedding, half-split (rotate_half) convention, angles in float32.
+
+    Rotates the leading ``2 * len(inv_freq)`` dims of each head and passes the rest through
+    (partial rotary, as Hugging Face's ``apply_rotary_pos_emb``).
+    """
+    rot = 2 * len(inv_freq)
+    ang = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     cos = jnp.cos(ang)[:, :, None, :].astype(x_BTNH.dtype)
     sin = jnp.sin(ang)[:, :, None, :].astype(x_BTNH.dtype)
-    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x_rot, x_pass = x_BTNH[..., :rot], x_BTNH[..., rot:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out if rot == x_BTNH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 def _project_heads(x_BTD, w_DNH):
@@ -99,35 +113,50 @@ CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of a KV
 
 
 class Attention(nnx.Module):
-    """GQA self-attention with QK-norm, optional sliding window and sink; owns the KV cache."""
+    """GQA self-attention; owns the KV cache.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
-        D, H, K, Hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.cfg = cfg
+    Per block: sliding window or full, its own KV-head count, optional QK-norm, q/k/v biases,
+    a learnable per-head sink, values of another width (``v_head_dim``) scaled by a constant,
+    and RoPE over a leading part of the head (``inv_freq`` from the family).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs,
+                 inv_freq: tuple[float, ...] | None = None):
+        D, H, Hd, Vd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.value_dim
+        K = cfg.kv_heads(layer_idx)
+        self.cfg, self.num_kv_heads = cfg, K
         self.q_proj = param(rngs, (D, H, Hd), ("embed", "q_heads", "head_dim"), cfg, fan_in=D)
         self.k_proj = param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), cfg, fan_in=D)
-        self.v_proj = param(rngs, (D, K, Hd), ("embed", "kv_heads", "head_dim"), cfg, fan_in=D)
-        self.o_proj = param(rngs, (H, Hd, D), ("q_heads", "head_dim", "embed"), cfg,
-                            fan_in=H * Hd)
+        self.v_proj = param(rngs, (D, K, Vd), ("embed", "kv_heads", "head_dim"), cfg, fan_in=D)
+        self.o_proj = param(rngs, (H, Vd, D), ("q_heads", "head_dim", "embed"), cfg,
+                            fan_in=H * Vd)
+        if cfg.attention_bias:
+            self.q_bias = param(None, (H, Hd), ("q_heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = param(None, (K, Hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = param(None, (K, Vd), ("kv_heads", "head_dim"), cfg, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Hd, cfg, "head_dim")
             self.k_norm = RMSNorm(Hd, cfg, "head_dim")
         self.sinks = (param(None, (H,), ("q_heads",), cfg, init="zeros")
-                      if cfg.attention_sink else None)
+                      if cfg.has_sinks(layer_idx) else None)
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else None
+        self.inv_freq = inv_freq or default_inv_freq(cfg, layer_idx)
 
     # The one KV-cache definition, used by prefill and decode alike.
     @staticmethod
-    def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+                   layer_idx: int = 0) -> Cache:
         """Zeroed cache for ``batch`` rows of ``max_len`` positions; position p lives at index p.
 
         Layout [B, K, S, Hd] (logical ``CACHE_AXES``): batch and kv-head lead, as the attention
         dots want them. With [B, S, K, Hd] XLA transposed the whole cache of every layer at
-        every decode step.
+        every decode step. Sliding layers keep all ``max_len`` positions too (the mask hides
+        the old ones): memory is that of a full layer with the sliding layer's KV heads.
         """
         dtype = dtype or dtype_of(cfg.dtype)
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        K = cfg.kv_heads(layer_idx)
+        return {"k": jnp.zeros((batch, K, max_len, cfg.head_dim), dtype),
+                "v": jnp.zeros((batch, K, max_len, cfg.value_dim), dtype)}
 
     def __call__(self, x_BTD, positions_BT, cache: Cache | None = None,
                  kv_valid_BS: jax.Array | None = None):
@@ -142,10 +171,16 @@ class Attention(nnx.Module):
         q = _project_heads(x_BTD, self.q_proj[...].astype(dt))
         k = _project_heads(x_BTD, self.k_proj[...].astype(dt))
         v = _project_heads(x_BTD, self.v_proj[...].astype(dt))
+        if cfg.attention_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.attention_value_scale != 1.0:
+            v = v * jnp.asarray(cfg.attention_value_scale, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions_BT, cfg.rope_theta)
-        k = rope(k, positions_BT, cfg.rope_theta)
+        q = rope(q, positions_BT, self.inv_freq)
+        k = rope(k, positions_BT, self.inv_freq)
         q = constrain(q, ("batch", "length", "q_heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
 
@@ -167,19 +202,18 @@ class Attention(nnx.Module):
         q_pos = positions_BT[:, :, None]
         k_pos = k_pos_BS[:, None, :]
         mask_BTS = k_pos <= q_pos
-        if self.window is not None:
+        if self.window is not None:  # transformers: key j visible to query i iff i - j < window
             mask_BTS &= k_pos > q_pos - self.window
         if kv_valid_BS is not None and cache is None:
             mask_BTS &= kv_valid_BS[:, None, :]
         out = self._attend(q, keys, values, mask_BTS)
-        B, T, H, Hd = out.shape
-        y = out.reshape(B, T, H * Hd) @ self.o_proj[...].astype(dt).reshape(H * Hd, -1)
+        B, T, H, Vd = out.shape
+        y = out.reshape(B, T, H * Vd) @ self.o_proj[...].astype(dt).reshape(H * Vd, -1)
         return constrain(y, ("batch", "length", "embed")), new_cache
 
     def _attend(self, q_BTHd, k_BKSd, v_BKSd, mask_BTS):
-        cfg = self.cfg
         B, T, H, Hd = q_BTHd.shape
-        K = cfg.num_kv_heads
+        K = self.num_kv_heads
         q = q_BTHd.reshape(B, T, K, H // K, Hd)
         scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSd,
                             preferred_element_type=jnp.float32) / math.sqrt(Hd)
@@ -192,7 +226,7 @@ class Attention(nnx.Module):
         else:
             probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_BKSd.dtype), v_BKSd)
-        return out.reshape(B, T, H, Hd)
+        return out.reshape(B, T, H, v_BKSd.shape[-1])
 
 
 class MLP(nnx.Module):

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.qwen3 import Transformer
+import models
 from mopd_jax import sharding as shd
 
 
@@ -26,7 +26,7 @@ class CheckpointError(ValueError):
 
 def abstract_model(cfg: ModelConfig):
     """(graphdef, abstract State) of the model without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0))))
 
 
 def abstract_with_shardings(abs_state, mesh, role: str):

@@ -217,8 +217,11 @@ def device_bytes(tree, n_dev: int = 1) -> float:
 def forward_flops(model_cfg, tokens: int, context: int) -> float:
     """Analytic forward FLOPs of ``tokens`` positions each attending to ``context`` keys."""
     from mopd_jax.bench.step import active_matmul_params
-    H, Hd, L = model_cfg.num_heads, model_cfg.head_dim, model_cfg.num_layers
-    return (2 * active_matmul_params(model_cfg) + 4 * L * H * Hd * context) * tokens
+    c = model_cfg
+    attn = sum(2 * c.num_heads * (c.head_dim + c.value_dim)  # QK^T and PV per key position
+               * (context if c.layer_type(i) == "full" else min(context, c.sliding_window))
+               for i in range(c.num_layers))
+    return (2 * active_matmul_params(c) + attn) * tokens
 
 
 # ----------------------------------------------------------------------------- compiling

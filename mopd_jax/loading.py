@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flax import nnx
 
+import models
 from models.config import ModelConfig, preset as model_preset
 from models.hf import config_from_hf, load_hf_params
 from mopd_jax import sharding as shd
@@ -48,6 +49,5 @@ def load_model(hf: str | None = None, checkpoint: str | None = None, *, preset: 
         cfg, graphdef, params = load_model_params(checkpoint, mesh, role)
         return Loaded(cfg, graphdef, params, load_tokenizer(checkpoint))
     cfg = model_preset(preset)
-    from models.qwen3 import Transformer
-    graphdef, params = shd.init_sharded(lambda: Transformer(cfg, nnx.Rngs(seed)), mesh, role)
+    graphdef, params = shd.init_sharded(lambda: models.build(cfg, nnx.Rngs(seed)), mesh, role)
     return Loaded(cfg, graphdef, params, None)

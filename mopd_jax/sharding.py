@@ -165,6 +165,10 @@ def logical_to_spec(axes, shape, mesh: Mesh, role: str) -> P:
     """PartitionSpec for a value with logical ``axes``; a dim that the mesh axis does not
     divide, or a mesh axis already used by an earlier dim, stays replicated."""
     rules = RULES[role]
+    unknown = [n for n in axes if n is not None and n not in rules]
+    if unknown:  # a silent replication of a new axis would hide a sharding bug
+        raise MeshError(f"sharding: logical axis {unknown[0]!r} has no entry in the {role!r} "
+                        f"rules table (mopd_jax.sharding.RULES); add it to every role's table")
     used: set[str] = set()
     spec = []
     for name, dim in zip(axes, shape):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.cli import main as cli_main
 from mopd_jax.merge import MergeError, merge_params
 
@@ -64,7 +64,7 @@ def test_merge_rejects_mismatched_models():
 def _save_random(path, seed):
     from mopd_jax.checkpoint import save_model
     cfg = preset("demo-moe")
-    model = Transformer(cfg, nnx.Rngs(seed))
+    model = build(cfg, nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
     save_model(path, params, cfg)
     return params

@@ -106,8 +106,8 @@ def test_bad_checkpoints_give_clear_errors(hf_models, tmp_path):
         load_model(hf=str(empty))
 
     c = json.loads((path / "config.json").read_text())
-    c["architectures"], c["model_type"] = ["LlamaForCausalLM"], "llama"
-    with pytest.raises(HFCheckpointError, match="unsupported architecture 'LlamaForCausalLM'"):
+    c["architectures"], c["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    with pytest.raises(HFCheckpointError, match="unsupported model_type 'gpt2'"):
         config_from_hf(c)
 
     wrong = tmp_path / "wrong"

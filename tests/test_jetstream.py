@@ -20,14 +20,14 @@ import asyncio, dataclasses, json
 import grpc, jax, portpicker
 from flax import nnx
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.sampling import GREEDY, Engine, rollout
 from mopd_jax.sampling.jetstream_adapter import JetStreamEngine, import_jetstream, make_driver, serve
 
 assert len(jax.devices()) == 1, jax.devices()
 js = import_jetstream()
 pb = js.jetstream_pb2
-model = Transformer(preset("tiny"), nnx.Rngs(0))
+model = build(preset("tiny"), nnx.Rngs(0))
 graphdef, params = nnx.split(model)
 engine = Engine(graphdef, params, max_concurrent_decodes=2, max_prefill_length=16,
                 max_target_length=48)

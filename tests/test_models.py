@@ -9,7 +9,7 @@ from flax import nnx
 
 from helpers import FP32_ATOL
 from models.config import ModelConfig, ModelConfigError, hybrid_layer_types, preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.sharding import init_sharded, make_mesh, use_rules
 
 HYBRID = preset("tiny-moe", num_layers=6, layer_types=hybrid_layer_types(6, 5),
@@ -18,7 +18,7 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 10), 0, 128)
 
 
 def _model(cfg, seed=0):
-    return Transformer(cfg, nnx.Rngs(seed))
+    return build(cfg, nnx.Rngs(seed))
 
 
 @pytest.mark.parametrize("cfg", [preset("tiny"), HYBRID], ids=["dense", "hybrid-moe-sink"])

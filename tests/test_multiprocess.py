@@ -30,7 +30,7 @@ import yaml
 from flax import nnx
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.checkpoint import load_model_params, save_model
 from mopd_jax.rollout_store import RolloutStore
 from mopd_jax.sharding import make_mesh
@@ -108,7 +108,7 @@ def _checkpoints(tmp: Path) -> dict[str, str]:
     cfg = preset("tiny", vocab_size=32)
     out = {}
     for name, seed in (("pi0", 3), ("teacher_add", 7), ("teacher_sort", 8)):
-        out[name] = str(save_model(tmp / name, nnx.split(Transformer(cfg, nnx.Rngs(seed)))[1],
+        out[name] = str(save_model(tmp / name, nnx.split(build(cfg, nnx.Rngs(seed)))[1],
                                    cfg))
     return out
 

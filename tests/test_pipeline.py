@@ -14,7 +14,7 @@ import yaml
 from flax import nnx
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.cli import main as cli_main
 from mopd_jax.losses import DistillLossConfig
 from mopd_jax.steps import score_step
@@ -75,7 +75,7 @@ def read_jsonl(path: Path):
 
 # ----------------------------------------------------------------------------- routing
 def _tiny_teacher(name, seed):
-    graphdef, params = nnx.split(Transformer(preset("tiny"), nnx.Rngs(seed)))
+    graphdef, params = nnx.split(build(preset("tiny"), nnx.Rngs(seed)))
     return Teacher(name, graphdef, params, 128)
 
 
@@ -173,7 +173,7 @@ def test_bad_inputs_one_clear_message_and_nothing_written(tmp_path, capsys):
 
     from mopd_jax.checkpoint import save_model
     foreign = tmp_path / "foreign"
-    save_model(foreign, nnx.split(Transformer(preset("tiny"), nnx.Rngs(0)))[1], preset("tiny"))
+    save_model(foreign, nnx.split(build(preset("tiny"), nnx.Rngs(0)))[1], preset("tiny"))
     cfg = small_config(out, mopd={"teachers": {"add": str(foreign)}})
     _fails(capsys, ["train", str(write_config(tmp_path / "c4b.yaml", cfg))],
            "vocabulary size 128 != student 32")

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.run_checkpoint import (GracefulStop, RunCheckpointer, RunCheckpointError,
                                      abstract_like)
@@ -44,7 +44,7 @@ def train_state():
     """A real train state on a 2x4 mesh after one AdamW update (moments and count non-zero),
     plus a device RNG key."""
     mesh = make_mesh(MESH_2x4)
-    _, params = init_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh, "train")
+    _, params = init_sharded(lambda: build(CFG, nnx.Rngs(0)), mesh, "train")
     opt = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=2))
     state = init_train_state(params, opt, mesh)
 

@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.sampling import GREEDY, Engine, SamplingParams, rollout, sample_logits
 
 ATOL_LOGP = 1e-5  # fp32, set once (the bound)
@@ -20,7 +20,7 @@ ATOL_LOGP = 1e-5  # fp32, set once (the issue's bound)
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = Transformer(preset("tiny"), nnx.Rngs(0))
+    model = build(preset("tiny"), nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     return model, graphdef, params
 
@@ -64,7 +64,7 @@ def test_greedy_equals_full_forward_argmax_every_step(tiny, engine, variant):
     else:
         cfg = preset("tiny", tie_word_embeddings=True) if variant == "tiny-tied" else preset(
             "tiny-moe")
-        model = Transformer(cfg, nnx.Rngs(1))
+        model = build(cfg, nnx.Rngs(1))
         graphdef, params = nnx.split(model)
         engine = Engine(graphdef, params, max_concurrent_decodes=4, max_prefill_length=32,
                         max_target_length=64)

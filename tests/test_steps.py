@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from models.config import preset
-from models.qwen3 import Transformer
+from models import build
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.losses import DistillLossConfig
 from mopd_jax.sharding import batch_sharding, init_sharded, make_mesh
@@ -30,8 +30,8 @@ def _batch(loss_cfg, teacher_params, graphdef, seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    graphdef, student = nnx.split(Transformer(CFG, nnx.Rngs(0)))
-    _, teacher = nnx.split(Transformer(CFG, nnx.Rngs(1)))
+    graphdef, student = nnx.split(build(CFG, nnx.Rngs(0)))
+    _, teacher = nnx.split(build(CFG, nnx.Rngs(1)))
     return graphdef, student, teacher
 
 
@@ -59,7 +59,7 @@ def test_single_device_equals_8_device_mesh(setup):
     batch = _batch(loss_cfg, teacher, graphdef)
     ref_state, ref_m = _run(graphdef, student, batch, loss_cfg)
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
-    g2, sharded = init_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh, "train")
+    g2, sharded = init_sharded(lambda: build(CFG, nnx.Rngs(0)), mesh, "train")
     state, m = _run(g2, sharded, batch, loss_cfg, mesh=mesh)
     for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(state["params"])):
         np.testing.assert_allclose(a, b, atol=2e-5)
@@ -128,11 +128,11 @@ def test_sft_step_lowers_nll(setup):
 
 def test_optimizer_moments_take_the_param_shardings():
     from models.config import preset
-    from models.qwen3 import Transformer
+    from models import build
     from mopd_jax.config import OptimizerConfig
 
     mesh = make_mesh({"fsdp": 2, "tensor": 4})
-    _, params = init_sharded(lambda: Transformer(preset("tiny"), nnx.Rngs(0)), mesh, "train")
+    _, params = init_sharded(lambda: build(preset("tiny"), nnx.Rngs(0)), mesh, "train")
     state = init_train_state(params, make_optimizer(OptimizerConfig(lr=1e-3)), mesh)
     adam = state["opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     for p, mu, nu in zip(jax.tree.leaves(params), jax.tree.leaves(adam.mu),

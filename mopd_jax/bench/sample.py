@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import preset
-from models.qwen3 import Transformer
+import models
 from mopd_jax.bench import best_time
 from mopd_jax.sampling.engine import Engine
 from mopd_jax.sampling.rollout import rollout
@@ -157,7 +157,7 @@ def run(args) -> list[dict]:
         if args.layers and name != "tiny":
             over["num_layers"] = args.layers
         cfg = preset(name, **over)
-        graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+        graphdef, params = nnx.split(models.build(cfg, nnx.Rngs(0)))
         hf = None if args.no_hf else _hf_model(params, cfg)
         for B in (int(b) for b in args.batches.split(",")):
             rows.append(bench_one(name, cfg, params, graphdef, B, args, bandwidth, hf))

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, preset
-from models.qwen3 import Transformer
+import models
 from mopd_jax.bench import best_time
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.losses import DistillLossConfig, TeacherScores
@@ -73,10 +73,11 @@ def measure_peak_flops(n: int, dtype: str, iters: int = 3) -> float:
 def active_matmul_params(cfg: ModelConfig) -> int:
     """Weights one token multiplies through: attention and MLP projections of every layer
     (router plus k experts in MoE layers) and the lm_head; no embedding lookup, no norms."""
-    D, Hd = cfg.hidden_size, cfg.head_dim
+    D, H, Hd, Vd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.value_dim
     total = D * cfg.vocab_size
     for i in range(cfg.num_layers):
-        total += D * Hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+        K = cfg.kv_heads(i)  # per layer: MiMo's sliding layers have their own KV heads
+        total += D * (H + K) * Hd + D * K * Vd + H * Vd * D
         if cfg.is_moe_layer(i):
             k, F = cfg.num_experts_per_tok, cfg.moe_intermediate_size
             total += D * cfg.num_experts + 3 * k * D * F
@@ -87,7 +88,7 @@ def active_matmul_params(cfg: ModelConfig) -> int:
 
 def model_flops(cfg: ModelConfig, B: int, T: int) -> float:
     """Analytic FLOPs of one training step (forward + backward) on B x T positions."""
-    attn = sum(12 * cfg.num_heads * cfg.head_dim
+    attn = sum(6 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # QK^T and PV, fwd + bwd
                * (T if cfg.layer_type(i) == "full" else min(T, cfg.sliding_window))
                for i in range(cfg.num_layers))
     return (6 * active_matmul_params(cfg) + attn) * B * T
@@ -114,7 +115,7 @@ def run(args) -> dict:
     device = jax.devices()[0]
     peak = measure_peak_flops(args.peak_size, args.dtype)
 
-    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    graphdef, params = nnx.split(models.build(cfg, nnx.Rngs(0)))
     batch = make_batch(cfg, B, T, args.objective)
     torch_ref = None if args.no_hf else _torch_reference(params, cfg, batch, args)
 

@@ -29,7 +29,6 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from models.layers import CACHE_AXES
 from mopd_jax.sampling.sampler import SamplingParams, sample_logits
 
 Params = Any
@@ -100,21 +99,12 @@ class DecodeState:
     stop_tokens: jax.Array  # [S, max_stop]
 
 
-def _logits(model, hidden_BTD):
-    """``model.logits``, but a tied head contracts the [V, D] embedding directly: through
-    ``lm_head_weight()`` (a transposed view) XLA:CPU may copy the whole table every step."""
-    if not model.cfg.tie_word_embeddings:
-        return model.logits(hidden_BTD)
-    return jnp.einsum("btd,vd->btv", hidden_BTD, model.embed[...].astype(hidden_BTD.dtype),
-                      preferred_element_type=jnp.float32)
-
-
 class EngineError(ValueError):
     """A request does not fit the engine (too long, too many samples, bad slots)."""
 
 
 class Engine:
-    """Slot-based decoding engine for a models/ Transformer (dense or MoE).
+    """Slot-based decoding engine for any ``models.CausalLM`` (dense or MoE, any family).
 
     ``params`` passed to the constructor may be abstract (only shapes are read); the params
     given to ``prefill`` / ``generate`` are arguments, so one compiled step serves any weights
@@ -148,6 +138,7 @@ class Engine:
         # Two prompt-batch shapes only (each is compiled per length bucket): a lone prompt, and
         # a full batch (fewer prompts are padded to it; ``rollout`` only batches full ones).
         self.prefill_batch_buckets = tuple(sorted({1, max(1, int(max_prefill_batch))}))
+        self._cache_axes = nnx.merge(graphdef, abstract).cache_axes()
         self._cache_abstract = jax.eval_shape(
             lambda p: nnx.merge(graphdef, p).init_cache(self._slots, self.max_target_length),
             abstract)
@@ -205,8 +196,8 @@ class Engine:
             return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, "sample"))
 
         S = self._slots
-        kv = [{k: sh(CACHE_AXES, v.shape)
-               for k, v in layer.items()} for layer in self._cache_abstract]
+        kv = jax.tree.map(lambda axes, v: sh(axes, v.shape), self._cache_axes,
+                          self._cache_abstract, is_leaf=lambda x: isinstance(x, tuple))
         row, row2 = sh(("batch",), (S,)), sh(("batch", None), (S, 2))
         return DecodeState(cache=kv, tokens=row, pos=row, generated=row, max_new=row,
                            active=row, keys=row2, temperature=row, top_k=row, top_p=row,
@@ -395,7 +386,7 @@ class Engine:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
             hidden, cache, _ = model(tokens_PT, positions, cache=model.init_cache(P, T))
             h_last = jnp.take_along_axis(hidden, (lengths_P - 1)[:, None, None], axis=1)
-            logits_PV = _logits(model, h_last)[:, 0]
+            logits_PV = model.logits(h_last)[:, 0]
         keys_PN2 = jax.vmap(lambda s: jax.vmap(
             lambda i: jax.random.fold_in(jax.random.PRNGKey(s), i))(jnp.arange(n)))(seed_P)
         step_keys = jax.vmap(lambda ks, L: jax.vmap(lambda k: jax.random.fold_in(k, L))(ks))(
@@ -455,7 +446,7 @@ class Engine:
             model = nnx.merge(self.graphdef, params)
             hidden, cache, _ = model(state.tokens[:, None], state.pos[:, None],
                                      cache=state.cache)
-            logits_SV = _logits(model, hidden)[:, 0]
+            logits_SV = model.logits(hidden)[:, 0]
         step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.pos + 1)
         tokens, logp = sample_logits(logits_SV, step_keys, state.temperature, state.top_k,
                                      state.top_p)

@@ -1,0 +1,255 @@
+"""Model families behind one seam, each held to transformers on tiny random checkpoints:
+logits under every sharding role, greedy generation, export -> from_pretrained, import ->
+export; MiMo-V2-Flash's traits (grouped sigmoid routing with a correction bias, partial
+rotary, Vd != Hd, sliding layers with their own KV heads and sinks); routing record/replay."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from helpers import FP32_ATOL, FP32_LOGPROB_ATOL, hf_token_logprobs, write_hf_model
+from models.config import ModelConfig, preset
+from models.hf import HFCheckpointError, SafetensorsDir, config_from_hf, save_hf, save_safetensors
+from mopd_jax.checkpoint import load_model_params, save_model
+from mopd_jax.loading import load_model
+from mopd_jax.sharding import MeshError, logical_to_spec, make_mesh
+from mopd_jax.steps import token_logprobs_step
+
+KINDS = ["mimo"]
+TOKENS = np.random.RandomState(0).randint(0, 97, (2, 11)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        path = tmp_path_factory.mktemp(kind)
+        out[kind] = (path, write_hf_model(path, kind))
+    return out
+
+
+def _logprobs(loaded):
+    return np.asarray(token_logprobs_step(loaded.graphdef, loaded.params, jnp.asarray(TOKENS),
+                                          vocab_chunk=32, seq_chunk=8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_under_every_role(hf_dirs, kind):
+    path, torch_model = hf_dirs[kind]
+    ref = hf_token_logprobs(torch_model, TOKENS)
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
+    for role in ("train", "sample", "teacher"):
+        loaded = load_model(hf=str(path), mesh=mesh, role=role)
+        assert loaded.cfg.family == {"mimo": "mimo_v2_flash"}.get(kind, "llama")
+        assert np.abs(_logprobs(loaded) - ref).max() <= FP32_LOGPROB_ATOL, (kind, role)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_loads_in_transformers_and_import_export_is_identical(hf_dirs, tmp_path, kind):
+    import transformers
+
+    path, torch_model = hf_dirs[kind]
+    loaded = load_model(hf=str(path))
+    save_hf(loaded.params, loaded.cfg, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(hf_token_logprobs(again, TOKENS),
+                               hf_token_logprobs(torch_model, TOKENS), atol=1e-6)
+    src, dst = SafetensorsDir(path), SafetensorsDir(tmp_path / "out")
+    assert set(src.keys()) == set(dst.keys())
+    for k in src.keys():
+        assert np.array_equal(np.asarray(src.get(k)), np.asarray(dst.get(k))), k
+    assert config_from_hf(tmp_path / "out").replace(name="x") == loaded.cfg.replace(name="x")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generation_equals_transformers_generate(hf_dirs, kind):
+    import dataclasses
+
+    import torch
+
+    from mopd_jax.sampling import GREEDY, Engine, Prompt, rollout
+
+    path, torch_model = hf_dirs[kind]
+    loaded = load_model(hf=str(path))
+    engine = Engine(loaded.graphdef, loaded.params, max_concurrent_decodes=2,
+                    max_prefill_length=16, max_target_length=40)
+    prompts = [TOKENS[0, :5].tolist(), TOKENS[1, :9].tolist()]
+    batch = rollout(engine, loaded.params, [Prompt(p) for p in prompts],
+                    sampling=dataclasses.replace(GREEDY, max_new_tokens=16))
+    torch_model.generation_config.pad_token_id = 0
+    for r, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=16,
+                                       do_sample=False, eos_token_id=None)
+        np.testing.assert_array_equal(batch.tokens[r, :batch.lengths[r]], out[0].numpy())
+
+
+def test_mimo_checkpoint_variants_load_alike(hf_dirs, tmp_path, capfd):
+    """Fused experts, ``sinks`` spelled as in memory, and the MTP head (skipped, one note)."""
+    path, _ = hf_dirs["mimo"]
+    src = SafetensorsDir(path)
+    cfg = config_from_hf(path)
+    tensors = {k.replace("attention_sink_bias", "sinks"): np.array(src.get(k))
+               for k in src.keys() if ".experts." not in k}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        if not cfg.is_moe_layer(i):
+            continue
+        get = lambda e, n: np.array(src.get(f"{p}{e}.{n}.weight"))  # noqa: E731
+        tensors[p + "gate_up_proj"] = np.stack([np.concatenate(
+            [get(e, "gate_proj"), get(e, "up_proj")]) for e in range(cfg.num_experts)])
+        tensors[p + "down_proj"] = np.stack([get(e, "down_proj")
+                                             for e in range(cfg.num_experts)])
+    tensors["model.mtp.layers.0.enorm.weight"] = np.ones(32, np.float32)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    save_safetensors(tensors, tmp_path / "model.safetensors")
+    capfd.readouterr()
+    variant, hub = load_model(hf=str(tmp_path)), load_model(hf=str(path))
+    err = capfd.readouterr().err
+    assert err.count("skipping 1 tensors under model.mtp") == 1
+    for a, b in zip(jax.tree.leaves(variant.params), jax.tree.leaves(hub.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mimo_config_reads_the_reference_fields(hf_dirs):
+    cfg = config_from_hf(hf_dirs["mimo"][0])
+    assert (cfg.family, cfg.router, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
+            cfg.head_dim, cfg.value_dim, cfg.rotary_dim, cfg.sliding_window) == (
+        "mimo_v2_flash", "sigmoid", 4, 2, 2.5, 12, 8, 6, 3)
+    assert cfg.layer_types == ("full", "sliding", "sliding", "full")
+    assert [cfg.kv_heads(i) for i in range(4)] == [1, 2, 2, 1]
+    assert [cfg.has_sinks(i) for i in range(4)] == [False, True, True, False]
+    assert (cfg.rope_theta, cfg.sliding_rope_theta, cfg.mlp_only_layers) == (
+        50000.0, 10000.0, (0,))
+    c = json.loads((hf_dirs["mimo"][0] / "config.json").read_text())
+    c["sliding_window_size"] = 7
+    assert config_from_hf(c).sliding_window == 8  # SGLang's window excludes the query
+
+
+def test_unsupported_model_type_names_it_and_the_families():
+    with pytest.raises(HFCheckpointError, match=r"unsupported model_type 'gpt2'.*qwen3"):
+        config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+@pytest.mark.parametrize("name", ["tiny-mimo", "tiny-moe"])
+def test_ragged_equals_dense_for_every_router(name):
+    cfg = preset(name)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 128, (2, 12)))
+    a = models.build(cfg, nnx.Rngs(0))
+    if cfg.router == "sigmoid":  # a non-zero correction bias must change the choice only
+        for layer in a.layers:
+            if layer.is_moe:
+                layer.mlp.router_bias[...] = jax.random.normal(jax.random.key(3), (8,))
+    graphdef, state = nnx.split(a)
+    dense = nnx.merge(nnx.split(models.build(cfg.replace(moe_impl="dense"), nnx.Rngs(0)))[0],
+                      state)
+
+    def loss(model):
+        h, _, aux = model(tokens)
+        return jnp.sum(h ** 2) + aux, h
+
+    (la, ha), ga = nnx.value_and_grad(loss, has_aux=True)(nnx.merge(graphdef, state))
+    (lb, hb), gb = nnx.value_and_grad(loss, has_aux=True)(dense)
+    np.testing.assert_allclose(ha, hb, atol=FP32_ATOL)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_routing_only_picks_from_the_best_groups():
+    cfg = preset("tiny-mimo")
+    moe = next(layer.mlp for layer in models.build(cfg, nnx.Rngs(0)).layers if layer.is_moe)
+    x = jax.random.normal(jax.random.key(0), (64, cfg.hidden_size))
+    bias = jnp.zeros(8).at[jnp.array([0, 1])].set(10.0)  # group 0 always wins
+    moe.router_bias[...] = bias
+    _, w, ids = moe.route(x)
+    assert bool(jnp.all(ids < 2))  # both from group 0 (experts 0, 1)
+    scores = jax.nn.sigmoid(x @ moe.router[...])
+    expect = jnp.take_along_axis(scores, ids, -1)
+    np.testing.assert_allclose(w, 2.5 * expect / expect.sum(-1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-mimo", "tiny-moe"])
+def test_routing_is_recorded_and_replays(name):
+    cfg = preset(name)
+    model = models.build(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 128, (2, 9)))
+    (h, _, _), ids = models.forward_with_routing(model, tokens)
+    assert sorted(ids) == list(model.moe_layers()) and ids[1].shape == (2, 9, 2)
+    replayed, _, _ = model(tokens, expert_ids=ids)
+    np.testing.assert_allclose(replayed, h, atol=FP32_ATOL)
+    flipped = {i: (x + 1) % cfg.num_experts for i, x in ids.items()}
+    assert float(jnp.abs(model(tokens, expert_ids=flipped)[0] - h).max()) > 1e-3
+    graphdef, state = nnx.split(model)
+
+    def loss(s):  # under replay the router still gets a gradient through the gate weights
+        return jnp.sum(nnx.merge(graphdef, s)(tokens, expert_ids=ids)[0] ** 2)
+
+    g = jax.grad(loss)(state)
+    assert float(jnp.abs(g["layers"][1]["mlp"]["router"][...]).max()) > 0
+
+
+def test_prefill_then_decode_equals_full_forward_mimo():
+    cfg = preset("tiny-mimo")
+    m = models.build(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 10)))
+    full, _, _ = m(tokens)
+    cache = m.init_cache(2, 16)
+    assert cache[1]["k"].shape == (2, 2, 16, 24) and cache[1]["v"].shape == (2, 2, 16, 16)
+    h, cache, _ = m(tokens[:, :6], cache=cache)
+    outs = [h]
+    for t in range(6, 10):
+        h, cache, _ = m(tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache=cache)
+        outs.append(h)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=FP32_ATOL)
+
+
+def test_model_json_without_family_loads_as_qwen3(tmp_path):
+    cfg = preset("tiny")
+    save_model(tmp_path, nnx.split(models.build(cfg, nnx.Rngs(0)))[1], cfg)
+    d = json.loads((tmp_path / "model.json").read_text())
+    del d["family"]
+    d["attention_sink"] = False  # the boolean spelling of earlier checkpoints
+    (tmp_path / "model.json").write_text(json.dumps(d))
+    got, _, _ = load_model_params(tmp_path, make_mesh())
+    assert got.family == "qwen3" and got == cfg
+
+
+def test_unknown_family_and_logical_axis_are_errors():
+    with pytest.raises(ValueError, match="unknown family 'gpt2'"):
+        models.build(ModelConfig(family="gpt2"), nnx.Rngs(0))
+    with pytest.raises(MeshError, match="logical axis 'layers' has no entry in the 'train'"):
+        logical_to_spec(("layers", "embed"), (2, 64), make_mesh(), "train")
+
+
+def test_family_presets_have_the_published_sizes():
+    mimo = preset("mimo-v2-flash")
+    assert 308e9 < mimo.num_params() < 310e9           # published: 309B total
+    assert 15.0e9 < mimo.num_params(active=True) < 15.6e9  # published: 15B active
+    assert (mimo.family, mimo.kv_heads(0), mimo.kv_heads(1), mimo.rotary_dim) == (
+        "mimo_v2_flash", 4, 8, 64)
+
+
+FAMILY_RUNS = {"mimo_v2_flash": ["model.preset=tiny-mimo", "model.num_layers=2",
+                                 "model.layer_types=[sliding, full]"]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
+def test_tiny_mopd_run_with_a_student_of_the_family(family, tmp_path):
+    """SFT pi_0 -> one GRPO teacher -> MOPD, the student of ``family`` (the quick demo, one
+    domain, small batches)."""
+    from mopd_jax.checkpoint import read_model_config
+    from mopd_jax.recipes.demo import run_demo
+
+    table = run_demo(str(tmp_path), quick=True, overrides=FAMILY_RUNS[family] + [
+        "data.builtin=[add]", "rollout.slots=16", "sft.batch_size=16",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "mopd.prompts_per_step=8"])
+    for phase in ("sft", "teacher_add", "mopd"):
+        assert read_model_config(tmp_path / phase / "model").family == family
+    (row,) = table["rows"]
+    assert row["domain"] == "add" and all(0.0 <= row[k] <= 1.0
+                                           for k in ("base", "teacher", "student"))
