@@ -59,13 +59,16 @@ def configure(settings=None, *, isolation: str | None = None,
 
     ``settings`` is the config's ``rewards`` section (``.code.isolation``,
     ``.math.distinct_answers``); keywords override it. An OS isolation that does not work on
-    this machine raises ``IsolationError`` naming the fix.
+    this machine raises ``RewardError`` naming the fix.
     """
     if settings is not None:
         isolation = isolation or settings.code.isolation
         distinct_answers = distinct_answers or settings.math.distinct_answers
     if isolation is not None:
-        iso.resolve(isolation)  # fail now, at start-up, not at the first code prompt
+        try:
+            iso.resolve(isolation)  # fail now, at start-up, not at the first code prompt
+        except iso.IsolationError as e:
+            raise RewardError(str(e)) from None
         _SETTINGS["isolation"] = isolation
     if distinct_answers is not None:
         _SETTINGS["distinct_answers"] = _check_distinct(distinct_answers,
