@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import models
 from mopd_jax import config as cfgmod
 from mopd_jax import sharding as shd
 from mopd_jax.config import Config, ConfigError
 from mopd_jax.data import domains as builtin
 from mopd_jax.data.pipeline import PromptPipeline, encode_prompt
-from mopd_jax.data.rewards import score_batch
+from mopd_jax.data.rewards import configure as configure_rewards, score_batch
 from mopd_jax.data.sources import DataError, read_records
 from mopd_jax.metrics import MetricsWriter, NullWriter, Progress, format_config
 from mopd_jax.sampling import Engine, SamplingParams, rollout
@@ -97,9 +96,9 @@ def load_records(cfg: Config) -> tuple[dict, dict]:
     train: dict[str, list[dict]] = {}
     evals: dict[str, list[dict]] = {}
     for name in d.builtin:
-        if name not in builtin.DOMAINS:
+        if name not in builtin.BUILTIN:
             raise ConfigError(f"data.builtin: unknown built-in domain {name!r}; choose from "
-                              f"{list(builtin.DOMAINS)}")
+                              f"{list(builtin.BUILTIN)}")
         train[name] = builtin.generate(name, d.builtin_size, seed=cfg.run.seed)
         evals[name] = builtin.generate(name, d.eval_size, seed=0, split="eval")
     for path in d.files:
@@ -140,10 +139,11 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
     out = prepare_out_dir(cfg, resume)
     if is_primary():
         (out / "config.yaml").write_text(cfgmod.dump_yaml(cfg))
+    rewards_line = configure_rewards(cfg.rewards)  # an isolation that cannot run fails here
     if not quiet and is_primary():
         procs = jax.process_count()
         print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out} ({mesh.size} devices, {procs} "
-              f"process{'es' if procs > 1 else ''})\n"
+              f"process{'es' if procs > 1 else ''})\n# {rewards_line}\n"
               + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
     all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
     return Run(cfg, out, mesh, tok, all_domains, train, evals)
@@ -163,9 +163,10 @@ def init_student(run: Run) -> None:
         loaded = load_model(mesh=run.mesh, role="train", **kw)
         graphdef, params, mcfg = loaded.graphdef, loaded.params, loaded.cfg
     else:
+        from models.qwen3 import Transformer
         mcfg = cfg.model
         graphdef, params = shd.init_sharded(
-            lambda: models.build(mcfg, nnx.Rngs(cfg.run.seed)), run.mesh, "train")
+            lambda: Transformer(mcfg, nnx.Rngs(cfg.run.seed)), run.mesh, "train")
     vocab = getattr(run.tokenizer, "vocab_size", None)
     if vocab is not None and vocab > mcfg.vocab_size:
         raise RunError(f"run.init: model vocabulary {mcfg.vocab_size} < tokenizer {vocab}")
