@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import models
 from mopd_jax import config as cfgmod
 from mopd_jax import sharding as shd
 from mopd_jax.config import Config, ConfigError
@@ -163,10 +164,9 @@ def init_student(run: Run) -> None:
         loaded = load_model(mesh=run.mesh, role="train", **kw)
         graphdef, params, mcfg = loaded.graphdef, loaded.params, loaded.cfg
     else:
-        from models.qwen3 import Transformer
         mcfg = cfg.model
         graphdef, params = shd.init_sharded(
-            lambda: Transformer(mcfg, nnx.Rngs(cfg.run.seed)), run.mesh, "train")
+            lambda: models.build(mcfg, nnx.Rngs(cfg.run.seed)), run.mesh, "train")
     vocab = getattr(run.tokenizer, "vocab_size", None)
     if vocab is not None and vocab > mcfg.vocab_size:
         raise RunError(f"run.init: model vocabulary {mcfg.vocab_size} < tokenizer {vocab}")
