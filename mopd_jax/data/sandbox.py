@@ -365,7 +365,8 @@ def _sandbox_main():
         if isinstance(path, int):
             path = f"/proc/self/fd/{path}"
         path = _fsdecode(path)
-        if dir_fd is not None and not path.startswith("/"):
+        # audit events pass dir_fd -1 when none was given
+        if isinstance(dir_fd, int) and dir_fd >= 0 and not path.startswith("/"):
             path = _join(f"/proc/self/fd/{dir_fd}", path)
         return _realpath(path)
 
