@@ -14,6 +14,7 @@ from types import ModuleType
 FAMILIES = {
     "qwen3": "models.qwen3",                  # Qwen3, Qwen3-MoE
     "mimo_v2_flash": "models.mimo_v2_flash",  # MiMo-V2-Flash (hybrid SWA + sinks, sigmoid MoE)
+    "llama": "models.llama",                  # Llama 3.x, Qwen2 / Qwen2.5
 }
 
 

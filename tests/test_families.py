@@ -20,7 +20,7 @@ from mopd_jax.loading import load_model
 from mopd_jax.sharding import MeshError, logical_to_spec, make_mesh
 from mopd_jax.steps import token_logprobs_step
 
-KINDS = ["mimo"]
+KINDS = ["mimo", "llama", "qwen2"]
 TOKENS = np.random.RandomState(0).randint(0, 97, (2, 11)).astype(np.int32)
 
 
@@ -232,10 +232,26 @@ def test_family_presets_have_the_published_sizes():
     assert 15.0e9 < mimo.num_params(active=True) < 15.6e9  # published: 15B active
     assert (mimo.family, mimo.kv_heads(0), mimo.kv_heads(1), mimo.rotary_dim) == (
         "mimo_v2_flash", 4, 8, 64)
+    assert 1.23e9 < preset("llama-3.2-1b").num_params() < 1.25e9   # published: 1.24B
+    assert 8.02e9 < preset("llama-3.1-8b").num_params() < 8.04e9   # published: 8.03B
+
+
+def test_llama3_rope_scaling_equals_transformers():
+    import torch
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = preset("llama-3.1-8b")
+    hf = transformers.LlamaConfig(**models.registry.family("llama").hf_config(cfg))
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
+    ours = models.registry.family("llama").Model.rope_inv_freq(cfg, 0)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6)
+    assert not np.allclose(ours, models.layers.default_inv_freq(cfg, 0))
 
 
 FAMILY_RUNS = {"mimo_v2_flash": ["model.preset=tiny-mimo", "model.num_layers=2",
-                                 "model.layer_types=[sliding, full]"]}
+                                 "model.layer_types=[sliding, full]"],
+               "llama": ["model.preset=tiny-llama"]}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
