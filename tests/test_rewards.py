@@ -1,6 +1,7 @@
 """Rewards (exact_match, math, code), score_batch, and the sandbox against hostile candidates."""
 
 import os
+from pathlib import Path
 import socket
 import threading
 import time
@@ -336,3 +337,70 @@ def test_register_custom_reward():
     finally:
         rewards.REWARDS.pop(name, None)
         rewards.REWARDS.pop("test_bad", None)
+
+
+# --- test formats of real code-RL datasets ---------------------------------------------------
+
+CODE_TASKS = Path(__file__).parent / "data" / "code_tasks.jsonl"
+
+
+def test_code_dataset_formats():
+    """APPS/TACO input_output (stdin and fn_name), LiveCodeBench stdin and functional, MBPP
+    asserts, HumanEval check(candidate), pytest functions, call cases: from one local file."""
+    from mopd_jax.data.sources import read_records
+
+    records = read_records(CODE_TASKS)
+    assert len(records) == 8
+    good = score_batch([fenced(r["_good"]) for r in records], records)
+    np.testing.assert_array_equal(good, np.ones(len(records), np.float32))
+    bad = score_batch([fenced(r["_bad"]) for r in records], records)
+    np.testing.assert_allclose(bad, [r["_bad_score"] for r in records], atol=1e-6)
+    alt = [r for r in records if "_good_alt" in r]  # sys.stdin.buffer, trailing blanks, exit(0)
+    assert list(score_batch([fenced(r["_good_alt"]) for r in alt], alt)) == [1.0]
+
+
+@pytest.mark.parametrize("tests, ok, wrong", [
+    (["assert f(3) == 9"], "def f(x): return x * x", "def f(x): return x + x"),
+    (["assert abs(f(2) - 1.4142) < 1e-3"], "def f(x): return x ** 0.5", "def f(x): return x"),
+    (["assert f(2) == (2, 4)"], "def f(x): return (x, 2 * x)", "def f(x): return [x, 2 * x]"),
+    (["assert sorted(f([3, 1, 2])) == [1, 2, 3]"], "def f(x): return set(x)", "def f(x): return x[:1]"),
+    (["assert f('a')[0] == 'A'", "assert f('b') in ('B', 'b')"], "def f(s): return s.upper()",
+     "def f(s): return '!'"),
+    (["assert f(1) is None"], "def f(x): pass", "def f(x): return 0"),
+    (["x = [5, 6]\nexpected = 11\nassert f(x) == expected"], "def f(x): return sum(x)",
+     "def f(x): return len(x)"),
+    (["import math\nassert math.isclose(f(), math.pi)"], "import math\ndef f(): return math.pi",
+     "def f(): return 3.14"),
+    (["assert {f(0): 1} == {'0': 1}", "assert f(-1) != f(1)"], "def f(x): return str(x)",
+     "def f(x): return 'x'"),
+])
+def test_code_assert_forms(tests, ok, wrong):
+    assert code_score(fenced(ok), tests=tests) == 1.0
+    assert code_score(fenced(wrong), tests=tests) < 1.0
+
+
+def test_code_asserts_keep_expected_values_in_the_parent():
+    from mopd_jax.data import code_tests
+
+    plan = code_tests.plan_for({"tests": [
+        "x = [5, 6]\nexpected = 11\nassert f(x) == expected",
+        "def check(candidate):\n    assert candidate(2) == 4\n\ncheck(g)"]})
+    sent = repr(plan.groups)
+    assert "f(x)" in sent and "x = [5, 6]" in sent and "candidate(2)" in sent
+    assert "11" not in sent and "== 4" not in sent and "expected" not in sent
+
+
+@pytest.mark.parametrize("tests, message", [
+    (["assert all(f(i) == i for i in range(3))"], "would run in the candidate's process"),
+    (["for i in range(3):\n    assert f(i) == i"], "inside a loop"),
+    (["x = f(1)"], "needs at least one assert"),
+    (["assert f(1) =="], "invalid syntax"),
+    ([{"call": "f(1)"}], "needs 'expected'"),
+    ([{"stdin": 3}], "a case is"),
+    ([{"input": "[1]", "output": "1", "testtype": "functional"}], "fn_name"),
+])
+def test_code_bad_test_formats(tests, message):
+    with pytest.raises(RewardError, match=message):
+        code_score(fenced(SOLUTION), tests=tests)
+    with pytest.raises(RewardError, match="input_output must be"):
+        get_reward("code")(SOLUTION, {"prompt": "p", "input_output": {"inputs": [1]}})

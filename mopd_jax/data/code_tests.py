@@ -468,6 +468,22 @@ def _evaluate(node, env, values):
 
 # --- values crossing back: plain data only --------------------------------------------------
 
+class Iterated:
+    """What a generator, iterator, ``range`` or dict view yielded in the child: iterable here
+    (``set``, ``sorted``, ``list``, ``sum``, ``in`` work) but, as in Python, equal to no list."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items):
+        self.items = tuple(items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __repr__(self):
+        return f"Iterated({list(self.items)!r})"
+
+
 def decode(tagged, depth: int = 0):
     """A value the child sent, as plain Python data; anything malformed raises ValueError."""
     if depth > 200 or not (isinstance(tagged, list) and len(tagged) == 2):
@@ -494,7 +510,7 @@ def decode(tagged, depth: int = 0):
             out[decode(pair[0], depth + 1)] = decode(pair[1], depth + 1)
         return out
     items = [decode(x, depth + 1) for x in v]
-    kinds = {"l": list, "t": tuple, "S": set, "F": frozenset}
+    kinds = {"l": list, "t": tuple, "S": set, "F": frozenset, "g": Iterated}
     if tag not in kinds:
         raise ValueError(f"unknown tag {tag!r}")
     return kinds[tag](items)
@@ -514,6 +530,7 @@ def _runner(job, *, _os=__import__("os"), _sys=__import__("sys"),
     nonce, me, write = job["nonce"], _os.getpid(), _os.write
     type_, len_, int_, float_, str_, repr_ = type, len, int, float, str, repr
     list_iter, tuple_iter, dict_items = list.__iter__, tuple.__iter__, dict.items
+    views = (range, type({}.keys()), type({}.values()), type({}.items()))
 
     def send(pid, status, payload):
         if _os.getpid() != me:  # a fork of the candidate returned into the runner
@@ -556,6 +573,11 @@ def _runner(job, *, _os=__import__("os"), _sys=__import__("sys"),
             return ["S" if isinstance(v, set) else "F", [enc(x, depth + 1) for x in v]]
         if t.__module__ == "numpy" and hasattr(v, "tolist"):
             return enc(v.tolist(), depth + 1)
+        if hasattr(t, "__next__") or t in views:  # generator, map, zip, range, dict view...
+            items = []
+            for x in v:
+                items.append(enc(x, depth + 1))
+            return ["g", items]
         raise TypeError(f"cannot send a {t.__name__}")
 
     def load():
