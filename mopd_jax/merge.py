@@ -14,6 +14,7 @@ stay sharded); arithmetic is done in float32 and cast back.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,10 +101,14 @@ def merge_checkpoints(base: str, models: Sequence[str], out: str | Path, method:
     mesh = shd.make_mesh()
     (b, bpath), loaded = load(base), [load(m) for m in models]
     for (m, path) in loaded:
-        if m.cfg.vocab_size != b.cfg.vocab_size or m.cfg.num_layers != b.cfg.num_layers:
+        # Same architecture, family included; names and dtypes may differ.
+        diff = [f.name for f in dataclasses.fields(b.cfg)
+                if f.name not in ("name", "dtype", "param_dtype")
+                and getattr(m.cfg, f.name) != getattr(b.cfg, f.name)]
+        if diff:
+            what = ", ".join(f"{f} {getattr(m.cfg, f)} vs {getattr(b.cfg, f)}" for f in diff[:3])
             raise MergeError(f"merge: {path} is a different architecture than the base {bpath} "
-                             f"(vocab {m.cfg.vocab_size} vs {b.cfg.vocab_size}, layers "
-                             f"{m.cfg.num_layers} vs {b.cfg.num_layers})")
+                             f"({what}); merge only models fine-tuned from the base")
     merged = merge_params(b.params, [m.params for m, _ in loaded], method, lam=lam,
                           density=density)
     out = Path(out)

@@ -269,3 +269,67 @@ def test_tiny_mopd_run_with_a_student_of_the_family(family, tmp_path):
     (row,) = table["rows"]
     assert row["domain"] == "add" and all(0.0 <= row[k] <= 1.0
                                            for k in ("base", "teacher", "student"))
+
+
+@pytest.mark.parametrize("kind", ["mimo", "llama"])
+def test_cli_verbs_serve_every_family(hf_dirs, tmp_path, capsys, kind):
+    """score = transformers; convert hf -> orbax -> hf keeps scores; greedy generate =
+    transformers generate; merge of two models of the family."""
+    import torch
+
+    from mopd_jax.cli import main
+
+    path, torch_model = hf_dirs[kind]
+    ids = TOKENS[0, :7].tolist()
+    args = ["--tokens", ",".join(map(str, ids)), "--json"]
+    assert main(["score", "--hf", str(path), *args]) == 0
+    ref = hf_token_logprobs(torch_model, np.array([ids]))[0]
+    assert np.abs(np.array(json.loads(capsys.readouterr().out)["logprobs"][1:]) - ref).max() \
+        <= FP32_LOGPROB_ATOL
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--to", "orbax"]) == 0
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    capsys.readouterr()
+    for flag, d in [("--checkpoint", tmp_path / "ck"), ("--hf", tmp_path / "hf")]:
+        assert main(["score", flag, str(d), *args]) == 0
+        got = json.loads(capsys.readouterr().out)["logprobs"][1:]
+        np.testing.assert_allclose(got, ref, atol=FP32_LOGPROB_ATOL)
+
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens",
+                 ",".join(map(str, ids)), "--greedy", "--max-new-tokens", "8", "--json"]) == 0
+    sample = json.loads(capsys.readouterr().out)["samples"][0]["tokens"]
+    with torch.no_grad():
+        want = torch_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    assert sample == want.tolist()
+
+    other = tmp_path / "other"
+    write_hf_model(other, kind, seed=1)
+    assert main(["merge", "--base", str(tmp_path / "ck"), "--models", f"hf:{other}",
+                 f"hf:{path}", "--method", "average", "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(checkpoint=str(tmp_path / "merged"))
+    a, b = load_model(hf=str(other)), load_model(hf=str(path))
+    assert merged.cfg.family == a.cfg.family
+    for m, x, y in zip(jax.tree.leaves(merged.params), jax.tree.leaves(a.params),
+                       jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(m, (np.asarray(x) + np.asarray(y)) / 2, atol=1e-6)
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tmp_path / "ck"), "--models", f"hf:{hf_dirs['qwen2'][0]}",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "different architecture" in capsys.readouterr().err
+
+
+def test_a_teacher_of_another_family_scores_through_its_own_graph(hf_dirs):
+    """A Qwen3 student with MiMo and Llama teachers (same 97-token vocabulary): each teacher's
+    sampled-token log-probs equal transformers' for it."""
+    from mopd_jax.losses import DistillLossConfig
+    from mopd_jax.teachers import load_teachers
+
+    cfg = preset("tiny", vocab_size=97)
+    s_graphdef, s_params = nnx.split(models.build(cfg, nnx.Rngs(0)))
+    routes = {"math": f"hf:{hf_dirs['mimo'][0]}", "code": f"hf:{hf_dirs['llama'][0]}"}
+    pool = load_teachers(routes, None, student=(s_graphdef, s_params, cfg), mesh=make_mesh())
+    scores = pool.score(TOKENS, ["math", "code"], DistillLossConfig(estimator="A",
+                                                                    num_domains=2))
+    for row, kind in enumerate(["mimo", "llama"]):
+        ref = hf_token_logprobs(hf_dirs[kind][1], TOKENS[row:row + 1])[0]
+        assert np.abs(np.asarray(scores.logp_BT[row]) - ref).max() <= FP32_LOGPROB_ATOL, kind
