@@ -367,6 +367,8 @@ def test_code_dataset_formats():
     (["assert f('a')[0] == 'A'", "assert f('b') in ('B', 'b')"], "def f(s): return s.upper()",
      "def f(s): return '!'"),
     (["assert f(1) is None"], "def f(x): pass", "def f(x): return 0"),
+    (["assert sorted(f(), key=lambda t: -t) == [3, 2]"], "def f(): return [2, 3]",
+     "def f(): return [3]"),
     (["x = [5, 6]\nexpected = 11\nassert f(x) == expected"], "def f(x): return sum(x)",
      "def f(x): return len(x)"),
     (["import math\nassert math.isclose(f(), math.pi)"], "import math\ndef f(): return math.pi",

@@ -242,15 +242,16 @@ class _Probe(ast.expr):
 
 def _add_snippet(b: _Builder, source: str) -> None:
     body = _flatten(ast.parse(source).body)
-    steps, asserts, env, child_names = [], [], {}, set()
+    steps, asserts, env = [], [], {}
     data_steps = []  # (index in steps, name, source) of parent-side data assignments
     for stmt in body:
         if isinstance(stmt, ast.Assert):
             parent = _split(stmt.test, b, steps, env)
             asserts.append(parent)
-        elif _is_data_assign(stmt, env) and _try_evaluate(stmt.value, env) is not _NO_VALUE:
+        elif _is_data_assign(stmt, env) and \
+                (value := _try_evaluate(stmt.value, env)) is not _NO_VALUE:
             name = stmt.targets[0].id
-            env[name] = _try_evaluate(stmt.value, env)
+            env[name] = value
             data_steps.append((len(steps), name, ast.unparse(stmt)))
             steps.append(None)  # placeholder: sent to the child only if a probe reads it
         else:
@@ -260,7 +261,6 @@ def _add_snippet(b: _Builder, source: str) -> None:
             for n in ast.walk(stmt):
                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
                     env.pop(n.id, None)  # rebound by the child: no longer parent data
-                    child_names.add(n.id)
             steps.append(["exec", ast.unparse(stmt)])
     if not asserts:
         raise TestFormatError("a test snippet needs at least one assert")
@@ -338,8 +338,12 @@ def _safe_call(node, env) -> bool:
     else:
         ok = (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
               and f.value.id == "math" and f.attr in _SAFE_MATH)
-    return ok and not any(isinstance(a, ast.Starred) for a in node.args) and \
-        all(k.arg is not None for k in node.keywords)
+    # a lambda or comprehension argument (sorted(key=...), all(... for ...)) needs the
+    # candidate's values one by one: then the whole call runs in the child
+    inner = [n for a in node.args + [k.value for k in node.keywords] for n in ast.walk(a)]
+    return ok and not any(isinstance(n, (ast.Starred, ast.Lambda, ast.GeneratorExp,
+                                         ast.ListComp, ast.SetComp, ast.DictComp))
+                          for n in inner) and all(k.arg is not None for k in node.keywords)
 
 
 def _split(node, b, steps, env):
