@@ -7,7 +7,6 @@ the machine allows).
 """
 
 import json
-import os
 import time
 
 import pytest
@@ -92,7 +91,6 @@ class S(str):
 def add(a, b): return S("nine")
 ''',
     "write_to_inherited_fds": FORGE + WRONG + '''
-import os
 forged = _forged()
 for fd in range(3, 256):
     try:
@@ -122,7 +120,6 @@ json.dumps = lambda *a, **k: '[0, "ok", ["b", true]]'
 json.loads = lambda *a, **k: [True, True, True]
 ''',
     "patch_os_write": FORGE + WRONG + '''
-import os
 real, forged = os.write, _forged()
 os.write = lambda fd, data: real(fd, forged)
 ''',
@@ -178,7 +175,6 @@ if os.fork() == 0:  # keeps writing forged reports until killed, so the last lin
     os._exit(0)
 ''',
     "fork_returns_into_runner": '''
-import os
 def add(a, b):
     return a + b if os.fork() == 0 else a * b + 100
 ''',
@@ -207,7 +203,6 @@ def add(a, b):  # the expected value of this very call, wherever the tests sit i
     return -42
 ''',
     "read_parent_memory": '''
-import os
 def add(a, b):
     pid = os.getppid()
     for name in ("cmdline", "environ", "maps", "mem"):
@@ -264,16 +259,16 @@ def add(a, b):
 def test_forged_frames_reach_the_report_and_are_refused(monkeypatch):
     """The frame walker does find the runner's report channel and writes to it: the judge,
     not luck, refuses what it wrote."""
-    from mopd_jax.data import code_tests
+    from mopd_jax.data import code_judge
 
     seen = []
-    real = code_tests.read_report
+    real = code_judge.read_report
 
     def spy(stdout, nonce, probes):
         out = real(stdout, nonce, probes)
         seen.append((stdout, nonce, out))
         return out
-    monkeypatch.setattr(code_tests, "read_report", spy)
+    monkeypatch.setattr(code_judge, "read_report", spy)
     assert score(HACKS["frame_walk_to_reporter"], ISSUE) == 0.0
     stdout, nonce, values = seen[-1]
     assert f"{nonce}[0, 'passed', True]" in stdout and values is None

@@ -363,7 +363,8 @@ def test_code_dataset_formats():
     (["assert f(3) == 9"], "def f(x): return x * x", "def f(x): return x + x"),
     (["assert abs(f(2) - 1.4142) < 1e-3"], "def f(x): return x ** 0.5", "def f(x): return x"),
     (["assert f(2) == (2, 4)"], "def f(x): return (x, 2 * x)", "def f(x): return [x, 2 * x]"),
-    (["assert sorted(f([3, 1, 2])) == [1, 2, 3]"], "def f(x): return set(x)", "def f(x): return x[:1]"),
+    (["assert sorted(f([3, 1, 2])) == [1, 2, 3]"], "def f(x): return set(x)",
+     "def f(x): return x[:1]"),
     (["assert f('a')[0] == 'A'", "assert f('b') in ('B', 'b')"], "def f(s): return s.upper()",
      "def f(s): return '!'"),
     (["assert f(1) is None"], "def f(x): pass", "def f(x): return 0"),
@@ -406,3 +407,61 @@ def test_code_bad_test_formats(tests, message):
         code_score(fenced(SOLUTION), tests=tests)
     with pytest.raises(RewardError, match="input_output must be"):
         get_reward("code")(SOLUTION, {"prompt": "p", "input_output": {"inputs": [1]}})
+
+
+# --- OS isolation ----------------------------------------------------------------------------
+
+PROBE = """
+import json, os, socket
+print(json.dumps({
+    "uid": os.getuid(), "nets": [n for _, n in socket.if_nameindex()],
+    "procs": len([p for p in os.listdir("/proc") if p.isdigit()]),
+    "usr_readonly": bool(os.statvfs("/usr").f_flag & os.ST_RDONLY),  # the OS, not the guard
+    "work_readonly": bool(os.statvfs(".").f_flag & os.ST_RDONLY),
+    "root": sorted(os.listdir("/"))}))
+"""
+
+
+def test_isolation_auto_isolates_or_says_why():
+    import json
+
+    from mopd_jax.data import isolation as iso
+
+    got = iso.resolve("auto")
+    line = iso.describe("auto")
+    assert line.startswith(f"auto -> {got}")
+    r = sandbox.run_python(PROBE, isolation="auto")
+    assert r.ok, r.stderr
+    seen = json.loads(r.stdout)
+    if got == "none":
+        assert "in-process guard only" in line  # and why the OS modes did not run
+        return
+    assert seen["nets"] == ["lo"] and seen["procs"] <= 3  # no network; not the trainer's pids
+    assert seen["usr_readonly"] and not seen["work_readonly"]
+    assert seen["uid"] == (iso.NOBODY if os.geteuid() == 0 else os.getuid())
+    assert "home" not in seen["root"] and "usr" in seen["root"]  # an allowlist, not the host
+    # the limits still hold inside, with the same reasons
+    r = sandbox.run_python("print('x' * 100_000)", max_output_bytes=1000, isolation="auto")
+    assert r.killed_reason == "output limit"
+    r = sandbox.run_python("x = []\nwhile True:\n    x.append(b'x' * 10_000_000)\n",
+                           memory_mb=256, isolation="auto")
+    assert r.killed_reason == "memory limit"
+    r = sandbox.run_python("raise SystemExit(3)", isolation="auto")
+    assert r.returncode == 3
+    r = sandbox.run_python(BOMB, timeout_s=1.0, max_procs=8, isolation="auto")
+    assert r.timed_out and 1 <= len(set(r.stdout.split())) <= 9
+
+
+def test_isolation_unavailable_is_an_error(monkeypatch):
+    from mopd_jax.data import isolation as iso
+
+    monkeypatch.setattr(iso, "_resolved", {})
+    monkeypatch.setattr(iso.shutil, "which", lambda name: None)
+    with pytest.raises(RewardError, match="bwrap is not installed.*use auto / none"):
+        rewards.configure(isolation="bwrap")
+    assert iso.resolve("auto") == "none"
+    assert "bwrap is not installed; unshare is not installed" in iso.describe("auto")
+    with pytest.raises(iso.IsolationError, match="unknown mode 'docker'"):
+        iso.resolve("docker")
+    monkeypatch.setattr(iso, "_resolved", {})
+    rewards.configure(isolation="auto")

@@ -19,9 +19,9 @@ RIGHT = ("def add(a, b):\n    return a + b\n\n"
 WRONG = "def add(a, b):\n    return a - b\n\nif __name__ == '__main__':\n    print(0)\n"
 STYLES = {
     "assert": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"],
-    "call": [{"call": f"add({a}, {b})", "expected": a + b} for a, b in ((2, 3), (-1, 1),
-                                                                        (7, 8), (0, 0))],
-    "stdin": [{"stdin": f"{a} {b}\n", "stdout": f"{a + b}\n"} for a, b in ((2, 3), (-1, 1),
+    "call": [{"call": f"add({a}, {b})", "expected": a + b} for a, b in ((2, 3), (-1, 2),
+                                                                        (7, 8), (1, 5))],
+    "stdin": [{"stdin": f"{a} {b}\n", "stdout": f"{a + b}\n"} for a, b in ((2, 3), (-1, 2),
                                                                           (7, 8))],
 }
 
@@ -57,7 +57,8 @@ def main(argv=None) -> None:
 
     new = hasattr(rewards, "configure")
     modes = args.isolation.split(",") if new else [None]
-    print(f"| style | isolation | candidates/s ({args.workers} workers, n={args.n}) |\n|---|---|---|")
+    print(f"| style | isolation | candidates/s ({args.workers} workers, n={args.n}) |\n"
+          "|---|---|---|")
     for style in args.styles.split(","):
         if not new and style != "assert":
             continue

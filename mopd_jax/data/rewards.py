@@ -20,10 +20,10 @@ Built-ins:
 * ``code``: the last fenced python block of the response (else the last untagged block, else
   the whole response) runs in a sandboxed child against the record's tests (assert snippets,
   call cases, stdin/stdout cases, APPS-style ``input_output``; see ``code_tests``). The child
-  only computes; the expected values stay in this process, which compares. Reward = fraction
-  of tests passing; 0 on a crash, a timeout, or a tampered report. Optional record fields
-  ``timeout_s`` (whole candidate, default 5) and ``memory_mb`` (default 512) tune the sandbox;
-  ``rewards.code.isolation`` picks its OS isolation (``isolation``).
+  only computes; the expected values stay in this process, which compares (``code_judge``).
+  Reward = fraction of tests passing; 0 on a crash, a timeout, or a tampered report. Optional
+  record fields ``timeout_s`` (whole candidate, default 5) and ``memory_mb`` (default 512)
+  tune the sandbox; ``rewards.code.isolation`` picks its OS isolation (``isolation``).
 * ``ifeval`` / ``ifeval_loose``: the fraction of the record's verifiable instructions the
   response follows (``instructions``), strict or IFEval's loose variant.
 """
@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from mopd_jax.data import code_tests, instructions
+from mopd_jax.data import code_judge, code_tests, instructions
 from mopd_jax.data import isolation as iso
 
 RewardFn = Callable[[str, dict], float]
@@ -305,7 +305,7 @@ def code_reward(response: str, record: dict) -> float:
     except code_tests.TestFormatError as e:
         raise RewardError(f"reward 'code': record {str(record.get('prompt'))[:60]!r}: {e}; "
                           "see mopd_jax/data/code_tests.py for the formats") from None
-    passed = code_tests.judge(extract_code(response), plan,
+    passed = code_judge.judge(extract_code(response), plan,
                               timeout_s=float(record.get("timeout_s", 5.0)),
                               memory_mb=int(record.get("memory_mb", 512)),
                               isolation=_SETTINGS["isolation"])

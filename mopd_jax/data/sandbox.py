@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import select
 import signal
 import subprocess
