@@ -4,7 +4,10 @@ library; user errors print one line naming the flag or file and exit with status
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
+import os
 import sys
 
 def _user_errors():
@@ -101,6 +104,41 @@ def _convert(args):
 
 
 # --------------------------------------------------------------------------- main
+# PCI ids of TPU chips (as jax._src.hardware_utils lists them) and of any GPU's device files.
+_TPU_PCI = ("0x1ae0", {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+_ACCEL_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*",  # TPU chips (v2-v4; v5e and newer)
+                "/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # GPUs
+
+
+def _machine_has_accelerator() -> bool:
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == _TPU_PCI[0] and g.read().strip() in _TPU_PCI[1]:
+                    return True
+        except OSError:
+            pass
+    return any(glob.glob(pattern) for pattern in _ACCEL_FILES)
+
+
+def _libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def skip_absent_tpu(environ=os.environ) -> None:
+    """With libtpu installed (the test or tpu-aot extra) JAX tries its TPU backend first, and
+    on a machine without TPU chips libtpu prints initialisation errors before falling back to
+    the CPU. There, unless JAX_PLATFORMS is set (``JAX_PLATFORMS=`` keeps JAX's own choice) or
+    JAX_FORCE_TPU_INIT is, use the CPU directly: it is what JAX would pick. Machines with a TPU
+    or GPU are left alone; ``mopd compile-check`` loads libtpu for its compile-only topology
+    either way. Called before anything imports jax."""
+    if "JAX_PLATFORMS" in environ or "JAX_FORCE_TPU_INIT" in environ:
+        return
+    if not _libtpu_installed() or _machine_has_accelerator():
+        return
+    environ["JAX_PLATFORMS"] = "cpu"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -146,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_absent_tpu()
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = _user_errors()
