@@ -97,8 +97,9 @@ class ModelConfig:
     """Layer i is MoE when (i + 1) % step == 0 (and not in ``mlp_only_layers``)."""
     mlp_only_layers: tuple[int, ...] = ()
     """Layer indices forced to a dense MLP inside an MoE model."""
-    router_aux_loss_coef: float = 0.001
-    """Weight of the load-balancing auxiliary loss."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing auxiliary loss in every training objective (a Hugging
+    Face checkpoint brings its own)."""
     router: Literal["softmax", "sigmoid"] = "softmax"
     """'softmax': top-k of softmax probabilities (Qwen3-MoE). 'sigmoid': DeepSeek-V3 routing
     (MiMo-V2-Flash): sigmoid scores; a per-expert correction bias chooses the experts but does

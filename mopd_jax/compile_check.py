@@ -30,9 +30,8 @@ import os
 import re
 import sys
 import time
-import types
-from pathlib import Path
 
+from mopd_jax import estimators
 from mopd_jax.cli import UsageError
 
 GiB = 2**30
@@ -291,9 +290,10 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
     from mopd_jax import sharding as shd
     from mopd_jax.bench.step import active_matmul_params, model_flops
     from mopd_jax.config import ConfigError
-    from mopd_jax.recipes import common, mopd
+    from mopd_jax.recipes import common
     from mopd_jax.sampling import Engine
-    from mopd_jax.steps import distill_objective, make_optimizer, score_step
+    from mopd_jax.estimators import DistillLossConfig
+    from mopd_jax.steps import distill_objective, make_optimizer, make_train_step, score_step
 
     if cfg.run.recipe != "mopd":
         raise ConfigError(f"run.recipe: compile-check builds the mopd recipe's steps; got "
@@ -310,10 +310,8 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
     n_resident = sum(t != "self" for t in named) if m.placement == "resident" else 0
 
     graphdef, params = abstract_params(mcfg, mesh, "train")
-    run = common.Run(cfg, Path("."), mesh, types.SimpleNamespace(eos_id=0, pad_id=0),
-                     _domains(cfg), {}, {}, graphdef=graphdef, model_cfg=mcfg,
-                     init_params=params)
-    loss_cfg = mopd.loss_config(run)
+    loss_cfg = DistillLossConfig.from_mopd(m, _domains(cfg), vocab_size=mcfg.vocab_size,
+                                           temperature=cfg.rollout.temperature)
     opt = make_optimizer(cfg.optimizer)
     state = abstract_train_state(params, opt, mesh)
     t_role = "teacher" if any(t != "self" for t in named) else "train"
@@ -348,17 +346,20 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
             sds = jax.ShapeDtypeStruct
             teacher = jax.eval_shape(score_fn, t_params, sds((B, T), i32))
             teacher = jax.tree.map(lambda x: sds(x.shape, x.dtype), teacher)
-            if m.estimator == "C":  # the pool stacks one lm_head per teacher: [M, D, V]
-                w = teacher.w
-                teacher = teacher._replace(w=sds((max(len(named), 1), *w.shape), w.dtype),
-                                           teacher_index_B=sds((B,), i32))
+            stacked = estimators.get(m.estimator).stacked  # the pool stacks these per teacher
+            if stacked:
+                M = max(len(named), 1)
+                teacher = teacher._replace(
+                    teacher_index_B=sds((B,), i32),
+                    **{f: sds((M, *getattr(teacher, f).shape), getattr(teacher, f).dtype)
+                       for f in stacked})
             batch = {"tokens": sds((B, T), i32), "mask": sds((B, T), i32),
                      "domain": sds((B,), i32), "sampler_logp": sds((B, T), f32),
                      "teacher": teacher, "reward": sds((B,), f32)}
             if m.samples_per_prompt >= 2:
                 batch["orm_adv"] = sds((B,), f32)
-            step = common.compile_train_step(run, opt, distill_objective(loss_cfg,
-                                                                         aux_coef=0.01))
+            step = make_train_step(graphdef, opt, distill_objective(
+                loss_cfg, aux_coef=mcfg.router_aux_loss_coef), microbatches=k, mesh=mesh)
             r = compile_step("train", step, (state, batch), n_dev=n_dev, loop_trips=k)
             r["model_flops"] = model_flops(mcfg, B, T - 1)
         elif name == "score":

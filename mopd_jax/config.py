@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from models.config import ModelConfig, ModelConfigError, preset
+from mopd_jax.estimators import EstimatorKnobs
 from mopd_jax.data.isolation import MODES as _ISOLATION_MODES
 from mopd_jax.data.rewards import DISTINCT_ANSWERS as _DISTINCT_ANSWERS
 from mopd_jax.sharding import MeshConfig, MeshError
@@ -188,8 +189,12 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MOPDConfig:
-    """Multi-teacher on-policy distillation (MOPD.md): routing, estimator and its knobs."""
+class MOPDConfig(EstimatorKnobs):
+    """Multi-teacher on-policy distillation (MOPD.md): routing, estimator and its knobs.
+
+    The estimator's knobs (estimator, a_max, is_low, is_high, topk, aggregation, dn_rescale)
+    are declared once in ``estimators.EstimatorKnobs``; the loss derives its configuration
+    from this one with ``DistillLossConfig.from_mopd``."""
 
     teachers: dict[str, str] = dataclasses.field(default_factory=dict)
     """Domain -> teacher checkpoint dir (Orbax model dir or hf:DIR), or 'self' (frozen pi_0)."""
@@ -201,31 +206,18 @@ class MOPDConfig:
     """Prompts per step."""
     samples_per_prompt: int = 1
     """Rollouts per prompt (>= 2 for the alpha * A_ORM term)."""
-    estimator: typing.Literal["A", "B", "C"] = "A"
-    """A: sampled-token PG; B: teacher top-k; C: exact full-vocabulary reverse KL."""
-    a_max: float = 5.0
-    """Advantage clip of estimator A."""
-    is_low: float = 0.2
-    """IcePop band: tokens with pi/mu below this are masked."""
-    is_high: float = 5.0
-    """IcePop band: tokens with pi/mu above this are masked."""
     orm_alpha: dict[str, float] = dataclasses.field(default_factory=dict)
     """Per-domain weight of the GRPO outcome advantage added to A (default 0)."""
-    topk: int = 64
-    """Teacher top-k of estimator B."""
     domain_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     """Per-domain loss weights (default 1)."""
-    dn_rescale: bool = False
-    """DN-MOPD: rescale each domain by clip(sigma_all / sigma_d, 0.25, 4)."""
-    aggregation: typing.Literal["seq_mean", "token_mean", "token_sum"] = "seq_mean"
-    """Sequence-mean then batch-mean (paper) or token-mean."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "mopd.prompts_per_step", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "mopd.samples_per_prompt", "must be >= 1")
-        _check(0 < self.is_low <= 1 <= self.is_high, "mopd.is_low/is_high",
-               "need 0 < is_low <= 1 <= is_high")
-        _check(self.a_max > 0, "mopd.a_max", "must be > 0")
+        try:
+            self._check_knobs("mopd")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,18 +352,21 @@ class Config:
 
 # ----------------------------------------------------------------------------- building
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each dataclass field."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
+    """The docstring written under each dataclass field (inherited fields included)."""
     docs = {}
-    for a, b in zip(body, body[1:]):
-        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
-                and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-                and isinstance(b.value.value, str)):
-            docs[a.target.id] = " ".join(b.value.value.split())
+    for base in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(base):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                    and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                    and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 
 

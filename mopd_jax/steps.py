@@ -34,7 +34,7 @@ def token_logprobs_step(graphdef, params, tokens_BT, *, temperature: float = 1.0
 def score_step(graphdef, params, tokens_BT, *, loss_cfg):
     """What ``loss_cfg.estimator`` needs from a teacher for ``tokens_BT`` (shifted: position t
     scores token t+1). One compiled function for every teacher: params are arguments."""
-    from mopd_jax.losses import score_teacher
+    from mopd_jax.estimators import score_teacher
 
     model = nnx.merge(graphdef, params)
     hidden, _, _ = model(tokens_BT[:, :-1])
@@ -82,7 +82,7 @@ def distill_objective(loss_cfg, aux_coef: float = 0.0):
     (log-prob the sampler gave tokens[t]; optional), teacher (TeacherScores for targets
     tokens[:, 1:]), orm_adv [B] and reward [B] (optional).
     """
-    from mopd_jax.losses import DistillBatch, distill_loss
+    from mopd_jax.estimators import DistillBatch, distill_loss
 
     def objective(model, batch):
         tokens = batch["tokens"]

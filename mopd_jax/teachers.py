@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from mopd_jax import sharding as shd
-from mopd_jax.losses import DistillLossConfig, TeacherScores
+from mopd_jax import estimators
+from mopd_jax.estimators import DistillLossConfig, TeacherScores
 from mopd_jax.steps import score_step
 
 SELF = "self"
@@ -136,13 +137,15 @@ class TeacherPool:
         to a power of two (>= 16) covering its longest row, so short rollouts are not scored
         at the full row width and only a few shapes ever compile. Positions past a row's
         length hold zeros (they are masked in every loss).
-        Estimator C also returns ``w`` stacked per teacher [M, D, V] and ``teacher_index_B``.
+        Fields the estimator marks ``stacked`` (C's ``w``) come stacked per teacher [M, ...]
+        with ``teacher_index_B`` naming each row's teacher.
         """
         names = self.route(domains)
         B, T = tokens_BT.shape
         order = sorted(set(names))
+        stacked = estimators.get(loss_cfg.estimator).stacked  # one per teacher, not per row
         parts: dict[str, np.ndarray] = {}
-        ws = []
+        per_teacher: dict[str, list] = {f: [] for f in stacked}
         for name in order:
             t = self.teachers[name]
             rows = np.asarray([i for i, n in enumerate(names) if n == name])
@@ -152,19 +155,21 @@ class TeacherPool:
             params = self._params_of(t)
             out = score_step(t.graphdef, params, padded, loss_cfg=loss_cfg)
             for field, value in out._asdict().items():
-                if value is None or field in ("w", "teacher_index_B"):
+                if field in stacked:
+                    per_teacher[field].append(value)
+                    continue
+                if value is None or field == "teacher_index_B":
                     continue
                 value = shd.to_host(value)
                 full = (B, value.shape[1] + T - width, *value.shape[2:])  # time axis: T or T-1
                 buf = parts.setdefault(field, np.zeros(full, value.dtype))
                 buf[rows, :value.shape[1]] = value[:len(rows)]
-            if loss_cfg.estimator == "C":
-                ws.append(out.w)
         scores = TeacherScores(**parts)
-        if loss_cfg.estimator == "C":
+        if stacked:
             import jax.numpy as jnp
             index = np.asarray([order.index(n) for n in names], np.int32)
-            scores = scores._replace(w=jnp.stack(ws), teacher_index_B=index)
+            scores = scores._replace(teacher_index_B=index,
+                                     **{f: jnp.stack(v) for f, v in per_teacher.items()})
         return scores
 
     def log_initial_kl(self, kl_by_teacher: Mapping[str, float]) -> None:

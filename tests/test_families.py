@@ -321,7 +321,7 @@ def test_cli_verbs_serve_every_family(hf_dirs, tmp_path, capsys, kind):
 def test_a_teacher_of_another_family_scores_through_its_own_graph(hf_dirs):
     """A Qwen3 student with MiMo and Llama teachers (same 97-token vocabulary): each teacher's
     sampled-token log-probs equal transformers' for it."""
-    from mopd_jax.losses import DistillLossConfig
+    from mopd_jax.estimators import DistillLossConfig
     from mopd_jax.teachers import load_teachers
 
     cfg = preset("tiny", vocab_size=97)

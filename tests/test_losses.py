@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mopd_jax import chunked, losses
-from mopd_jax.losses import DistillBatch, DistillLossConfig, TeacherScores
+from mopd_jax import estimators
+from mopd_jax.estimators import DistillBatch, DistillLossConfig, TeacherScores
 
 DTYPE = jnp.float32
 EPS = float(jnp.finfo(DTYPE).eps)
@@ -136,13 +137,13 @@ def config(estimator, chunks=CHUNKS):
                              **chunks)
 
 
-score = jax.jit(losses.score_teacher, static_argnums=0)
+score = jax.jit(estimators.score_teacher, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def distill(cfg, h, w, teacher, batch):
     """((loss, metrics), (dloss/dh, dloss/dw)) of `distill_loss`."""
-    return jax.value_and_grad(lambda h, w: losses.distill_loss(cfg, h, w, teacher, batch),
+    return jax.value_and_grad(lambda h, w: estimators.distill_loss(cfg, h, w, teacher, batch),
                               (0, 1), has_aux=True)(h, w)
 
 
@@ -284,7 +285,7 @@ def test_sampled_token_gradient_is_unbiased_for_reverse_kl(off_policy):
         lp = jax.nn.log_softmax(theta)[y]
         batch = DistillBatch(jnp.full((1, 1), y), jnp.ones((1, 1)), jnp.zeros((1,), jnp.int32),
                              sampler_logp_BT=jnp.full((1, 1), sampler_lp[y]))
-        return losses.pg_distill_loss(cfg, lp.reshape(1, 1), teacher_lp[y].reshape(1, 1),
+        return estimators.pg_distill_loss(cfg, lp.reshape(1, 1), teacher_lp[y].reshape(1, 1),
                                       batch)[0]
 
     ys = jax.random.categorical(ks[3], sampler_lp, shape=(reps, 4000))
@@ -369,7 +370,7 @@ def test_student_side_is_at_the_sampling_temperature(name):
 @functools.partial(jax.jit, static_argnums=0)
 def _a_grad(cfg, student, teacher, batch, **kw):
     """(loss, metrics, dloss/dstudent_logp) of estimator A on explicit log-probs."""
-    f = lambda s: losses.pg_distill_loss(cfg, s, teacher, batch, **kw)  # noqa: E731
+    f = lambda s: estimators.pg_distill_loss(cfg, s, teacher, batch, **kw)  # noqa: E731
     (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(student)
     return loss, metrics, g
 
@@ -515,7 +516,7 @@ def test_config_rejects_bad_fields_with_their_name():
         DistillLossConfig(num_domains=3, domain_weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="TeacherScores.hidden_BTD"):
         h, w, _, _, batch = problem()
-        losses.distill_loss(DistillLossConfig(estimator="C"), h, w, TeacherScores(), batch)
+        estimators.distill_loss(DistillLossConfig(estimator="C"), h, w, TeacherScores(), batch)
 
 
 # --- GRPO ---------------------------------------------------------------------------------------

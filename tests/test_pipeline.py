@@ -16,7 +16,7 @@ from flax import nnx
 from models.config import preset
 from models import build
 from mopd_jax.cli import main as cli_main
-from mopd_jax.losses import DistillLossConfig
+from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.steps import score_step
 from mopd_jax.teachers import Teacher, TeacherError, TeacherPool
 
@@ -127,7 +127,7 @@ def test_length_buckets_and_host_placement_score_like_the_full_width(estimator, 
         tokens, domains, cfg, lengths=lengths)
     # full width: both teachers at 40; cut: T1 (rows 0, 4) keeps 40, T2 (max length 14) -> 16
     assert shapes == [(8, 40), (8, 40), (8, 40), (8, 16), (8, 40), (8, 16)]
-    fields = {"A": ["logp_BT"], "B": ["logp_BT", "topk_logp_BTK"], "C": ["hidden_BTD"]}
+    fields = {"A": ["logp_BT"], "B": ["logp_BT", "topk_logp_BTk"], "C": ["hidden_BTD"]}
     for field in fields[estimator]:
         a, b, h = (np.asarray(getattr(x, field)) for x in (full, cut, host))
         assert a.shape == b.shape == h.shape

@@ -9,7 +9,7 @@ from flax import nnx
 from models.config import preset
 from models import build
 from mopd_jax.config import OptimizerConfig
-from mopd_jax.losses import DistillLossConfig
+from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.sharding import batch_sharding, init_sharded, make_mesh
 from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
                             score_step, sft_objective, state_shardings_of, token_logprobs_step)
@@ -107,8 +107,8 @@ def test_score_step_serves_any_params_and_matches_token_logprobs(setup):
         s = score_step(graphdef, params, tokens, loss_cfg=cfg)
         np.testing.assert_allclose(s.logp_BT, token_logprobs_step(graphdef, params, tokens),
                                    atol=1e-5)
-        assert s.topk_ids_BTK.shape == (2, 8, 5)
-        assert bool(jnp.all(s.topk_logp_BTK[..., 0] >= s.logp_BT))
+        assert s.topk_ids_BTk.shape == (2, 8, 5)
+        assert bool(jnp.all(s.topk_logp_BTk[..., 0] >= s.logp_BT))
     assert score_step._cache_size() == compiled_before + 1  # one compile serves both models
 
 

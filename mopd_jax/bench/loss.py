@@ -12,7 +12,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from mopd_jax.losses import DistillBatch, DistillLossConfig, TeacherScores, distill_loss
+from mopd_jax.estimators import DistillBatch, DistillLossConfig, TeacherScores, distill_loss
 
 
 def add_parser(sub):
@@ -63,7 +63,7 @@ def run(args) -> dict:
 
         def chunked(h, w, th, tw, tokens, mask, dom, t_lp, ids, t_topk):
             teacher = {"A": TeacherScores(logp_BT=t_lp),
-                       "B": TeacherScores(logp_BT=t_lp, topk_ids_BTK=ids, topk_logp_BTK=t_topk),
+                       "B": TeacherScores(logp_BT=t_lp, topk_ids_BTk=ids, topk_logp_BTk=t_topk),
                        "C": TeacherScores(hidden_BTD=th, w=tw)}[est]
             batch = DistillBatch(tokens_BT=tokens, mask_BT=mask, domain_ids_B=dom)
             return distill_loss(cfg, h, w, teacher, batch)[0]

@@ -32,7 +32,7 @@ from models.config import ModelConfig, preset
 import models
 from mopd_jax.bench import best_time
 from mopd_jax.config import OptimizerConfig
-from mopd_jax.losses import DistillLossConfig, TeacherScores
+from mopd_jax.estimators import DistillLossConfig, TeacherScores
 from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
                             sft_objective)
 

@@ -171,7 +171,8 @@ def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> commo
     opt, state = common.new_train_state(run)
     V = run.model_cfg.vocab_size
     step = common.compile_train_step(run, opt, sft_objective(
-        vocab_chunk=min(8192, V), num_domains=len(run.domains), aux_coef=0.01))
+        vocab_chunk=min(8192, V), num_domains=len(run.domains),
+        aux_coef=run.model_cfg.router_aux_loss_coef))
     stored = _store_rows(run, pool) if op.source == "store" else None
     if stored is None:
         _check_same_architecture(run, pool)

@@ -77,7 +77,8 @@ def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     step = common.compile_train_step(run, opt, grpo_objective(
         clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
         aggregation="token_sum" if g.dr_grpo else "seq_mean", num_domains=len(run.domains),
-        vocab_chunk=min(8192, V), aux_coef=0.01, temperature=cfg.rollout.temperature))
+        vocab_chunk=min(8192, V), aux_coef=run.model_cfg.router_aux_loss_coef,
+        temperature=cfg.rollout.temperature))
     store = _store(run)
 
     def step_fn(state, i):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mopd_jax.losses import DistillLossConfig
+from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.recipes import common
 from mopd_jax.recipes.grpo import _store, group_advantages_np
 from mopd_jax.sampling import rollout
@@ -20,15 +20,9 @@ from mopd_jax.teachers import SELF, TeacherError, load_teachers, short_name
 
 
 def loss_config(run: common.Run) -> DistillLossConfig:
-    m, doms = run.cfg.mopd, run.domains
-    V = run.model_cfg.vocab_size
-    return DistillLossConfig(
-        estimator=m.estimator, a_max=m.a_max, is_low=m.is_low, is_high=m.is_high,
-        orm_alpha=tuple(m.orm_alpha.get(d, 0.0) for d in doms) if m.orm_alpha else 0.0,
-        topk=min(m.topk, V), aggregation=m.aggregation, num_domains=len(doms),
-        domain_weights=tuple(m.domain_weights.get(d, 1.0) for d in doms)
-        if m.domain_weights else (), dn_rescale=m.dn_rescale,
-        teacher_temperature=run.cfg.rollout.temperature, vocab_chunk=min(8192, V))
+    return DistillLossConfig.from_mopd(run.cfg.mopd, run.domains,
+                                       vocab_size=run.model_cfg.vocab_size,
+                                       temperature=run.cfg.rollout.temperature)
 
 
 def check_routing(run: common.Run) -> None:
@@ -58,7 +52,8 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
                            "advantage needs at least two rollouts per prompt)")
     pipeline = common.make_pipeline(run, m.prompts_per_step)
     opt, state = common.new_train_state(run)
-    step = common.compile_train_step(run, opt, distill_objective(loss_cfg, aux_coef=0.01))
+    step = common.compile_train_step(run, opt, distill_objective(
+        loss_cfg, aux_coef=run.model_cfg.router_aux_loss_coef))
     engine = common.make_engine(run)
     store = _store(run)
 

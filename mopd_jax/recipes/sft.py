@@ -39,7 +39,8 @@ def run_sft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     opt, state = common.new_train_state(run)
     V = run.model_cfg.vocab_size
     step = common.compile_train_step(run, opt, sft_objective(
-        vocab_chunk=min(8192, V), num_domains=len(run.domains), aux_coef=0.01))
+        vocab_chunk=min(8192, V), num_domains=len(run.domains),
+        aux_coef=run.model_cfg.router_aux_loss_coef))
 
     def step_fn(state, i):
         batch = sft_rows(run, next(pipeline))
