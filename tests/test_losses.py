@@ -565,3 +565,26 @@ def test_dr_grpo_has_no_length_normalisation():
     adv = losses.group_advantages(jnp.array([1.0, 0.0]), 2, normalize_std=False)
     loss, _ = losses.grpo_loss(lp, lp, adv, mask, aggregation="token_sum")
     close(loss, -(0.5 * 1 + -0.5 * 4) / 8)  # ratio 1: sum_t -A over all tokens / (B*T)
+
+
+@pytest.mark.parametrize("name,beta", [("FKL", 0.0), ("JSD", 0.5)])
+def test_gkd_estimator_objects_are_the_exact_divergences_at_temperature(name, beta):
+    """The 'FKL' / 'JSD' MOPD estimators (estimators/gkd.py): exact on the tiny vocabulary,
+    student and teacher both at the sampling temperature, routed per domain like C."""
+    h, w, th, tw, batch = problem()
+    cfg = config(name, CHUNKS)
+    (loss, metrics), grads = distill(cfg, h, w, score(cfg, th, tw, batch.tokens_BT), batch)
+
+    def naive(h, w):
+        a, b = naive_logp(h, w, 1.3), naive_logp(th, tw, 1.3)
+        if beta == 0.0:
+            d = jnp.exp(b) * (b - a)
+        else:
+            m = jnp.log(beta * jnp.exp(b) + (1 - beta) * jnp.exp(a))
+            d = beta * jnp.exp(b) * (b - m) + (1 - beta) * jnp.exp(a) * (a - m)
+        return seq_mean(d.sum(-1), batch.mask_BT)
+
+    close(loss, naive(h, w))
+    for got, want in zip(grads, jax.jit(jax.grad(naive, (0, 1)))(h, w)):
+        close(got, want, GTOL)
+    assert estimators.get(name).stacked == ("w",) and float(metrics["kl"]) > 0

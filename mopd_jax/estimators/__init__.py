@@ -5,6 +5,7 @@ in this package that defines an ``@register``-ed ``Estimator`` and its import li
 """
 
 from mopd_jax.estimators import exact, sampled, topk  # noqa: F401  (registration)
+from mopd_jax.estimators import gkd  # noqa: F401
 from mopd_jax.estimators.base import (REGISTRY, DistillBatch, DistillLossConfig, Estimator,
                                       EstimatorKnobs, TeacherScores)
 from mopd_jax.estimators.sampled import pg_distill_loss
