@@ -1,25 +1,26 @@
 """Run untrusted Python (model-written code) in a throw-away subprocess; failures become results.
 
-``run_python`` starts a fresh ``python -I -B`` whose work dir is a temporary directory (deleted
+``run_python`` starts a fresh ``python -I -B -S`` whose work dir is a temporary directory (deleted
 afterwards), with a scrubbed environment, stdin on ``/dev/null``, stdout/stderr going to files
 capped by ``RLIMIT_FSIZE``, and its own session, so the whole process group is SIGKILLed on
 timeout and again after a normal exit (forked children never outlive the call). The program
 reaches the child on its stdin, read by a small bootstrap that then sets resource limits and
-installs a ``sys.addaudithook`` guard before the candidate runs. The program file, the output
-files and the fork counter live beside the work dir, not in it.
+installs a ``sys.addaudithook`` guard before the candidate runs (no ``site`` module: the
+bootstrap puts site-packages on ``sys.path`` itself, and starts several times faster). The
+program file, the output files and the fork counter live beside the work dir, not in it.
 
 Layers, strongest first:
 
 * OS isolation, ``isolation='bwrap' | 'unshare' | 'auto'`` (see ``isolation``): no network,
   a file system of read-only system and interpreter directories plus the writable work dir,
   its own pid namespace, uid nobody when the caller is root.
-
 * OS limits (``resource.setrlimit``, set by the bootstrap rather than a ``preexec_fn``, which
   is unsafe in a threaded caller): ``RLIMIT_AS`` (memory, per process: each fork may use
   ``memory_mb`` too), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (output and files), ``RLIMIT_CORE`` = 0,
-  ``RLIMIT_NOFILE`` and, for a non-root caller, ``RLIMIT_NPROC`` = the user's current task count
-  + ``max_procs`` (the kernel counts every thread of the user, so a fixed small value would fail
-  when the trainer itself runs many threads). Root is exempt from ``RLIMIT_NPROC``.
+  ``RLIMIT_NOFILE`` and, unless the candidate runs as root, ``RLIMIT_NPROC`` = its user's
+  current task count + ``max_procs`` (the kernel counts every thread of the user, so a fixed
+  small value would fail when the trainer itself runs many threads). Root is exempt from
+  ``RLIMIT_NPROC``; under OS isolation a root caller's candidate runs as nobody, so it applies.
 * Process-group SIGKILL on timeout and at exit; a wall-clock timeout independent of CPU time.
 * The audit-hook guard (in-process, best effort): no network (``socket.connect``/``bind``/
   ``sendto``/``sendmsg``/``getaddrinfo``/``gethostbyname``... raise ``PermissionError``), no exec
@@ -34,7 +35,7 @@ Layers, strongest first:
 The guard runs inside the candidate's interpreter, so deliberately adversarial code can get past
 it (e.g. by reloading built-in modules or corrupting memory); it stops the mistakes model-written
 code actually makes. Against adversaries use OS isolation (``auto`` picks it where the machine
-allows), and judge results outside the candidate's process (``code_tests`` does: nothing the
+allows), and judge results outside the candidate's process (``code_judge`` does: nothing the
 child prints is trusted). Beyond that: cgroup ``pids.max``/``memory.max``, or nsjail / gVisor.
 """
 
