@@ -5,10 +5,13 @@ as the union of what the families need; ``family`` names which one builds it (``
 and which Hugging Face mapping reads and writes it. Family presets live beside their family
 (``models/<family>/__init__.py``); ``preset(name)`` finds them through the registry.
 
-Shape alphabet used across `models/` (written once here):
-  B batch, T time (query positions), S key/cache positions, D model width, H query heads,
-  K kv heads, G query heads per kv head (H = K*G), Hd q/k head dim, Vd value head dim,
-  F ffn width, E experts, k experts per token (``top_k``), V vocab, N flattened tokens (B*T).
+The shape glossary of the whole project (``models/`` and ``mopd_jax/``), one meaning per
+letter, used as name suffixes (``logits_BTV``, ``w_EDF``):
+  B batch rows (sequences, decode slots), T time (query positions), S key/cache positions,
+  D model width, H query heads, K kv heads (H = K * Q, Q query heads per kv head), Hd q/k
+  head dim, Vd value head dim, F ffn width, E experts, k chosen per row (experts per token,
+  a teacher's top-k ids), V vocab, N flattened tokens (B*T), M domains (one teacher each),
+  G rollouts per prompt (a GRPO group), P prompts (a prefill batch), Z stop ids per request.
 """
 
 from __future__ import annotations

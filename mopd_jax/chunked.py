@@ -8,17 +8,17 @@ chunks of `seq_chunk` rows, the vocabulary into chunks of `vocab_chunk` columns,
 recomputes the tiles in the backward pass, so the gradient w.r.t. hidden states and `lm_head`
 stores no [N, V] array either.
 
-Chunks are strided, not contiguous: row chunk i holds tokens i, i + S, i + 2S, ... (S chunks)
-and column chunk j holds vocabulary ids j, j + C, j + 2C, ... That is a reshape [N] -> [n, S]
-followed by indexing the unsharded S axis, so when tokens are sharded over data-parallel devices
+Chunks are strided, not contiguous: row chunk i holds tokens i, i + R, i + 2R, ... (R chunks)
+and column chunk j holds vocabulary ids j, j + C, j + 2C, ... That is a reshape [N] -> [n, R]
+followed by indexing the unsharded R axis, so when tokens are sharded over data-parallel devices
 or `lm_head` columns over tensor-parallel ones, every tile is spread evenly over the devices
 instead of living on one of them. Sizes that the chunks do not divide are padded (zero hidden
 rows, zero `lm_head` columns whose logits are masked to -1e30); pick chunks that divide N and V
 to avoid the pad copies.
 
-Glossary of shape suffixes: B batch, T time, N = B*T flattened tokens, D model dim, V vocab,
-K top-k count, M teachers; n is the rows of one token chunk, S the number of token chunks,
-c the columns of one vocabulary chunk, C the number of vocabulary chunks.
+Shape suffixes follow the glossary in ``models/config.py``; here also n, the rows of one
+token chunk, R the number of token chunks, c the columns of one vocabulary chunk and C the
+number of vocabulary chunks.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ def _chunking(size: int, chunk: int) -> tuple[int, int]:
     return -(-size // count), count
 
 
-def _split_rows(tree, n, S):
-    """[N, ...] -> [n, S, ...]: chunk i is [:, i], rows i, i + S, ...; zero-padded to n*S."""
+def _split_rows(tree, n, R):
+    """[N, ...] -> [n, R, ...]: chunk i is [:, i], rows i, i + R, ...; zero-padded to n*R."""
 
     def split(x):
-        x = jnp.pad(x, [(0, n * S - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((n, S) + x.shape[1:])
+        x = jnp.pad(x, [(0, n * R - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((n, R) + x.shape[1:])
 
     return jax.tree.map(split, tree)
 
@@ -95,7 +95,7 @@ def _index(x, i, axis):
 
 
 def _take(tree, i):
-    """Row chunk i of [n, S, ...] arrays."""
+    """Row chunk i of [n, R, ...] arrays."""
     return jax.tree.map(lambda x: _index(x, i, 1), tree)
 
 
@@ -166,7 +166,7 @@ def vocab_reduce(
             raise ValueError(f"teacher vocab {teacher[1].shape[-1]} != student vocab {V}")
         if (teacher[1].ndim == 3) != (teacher[2] is not None):
             raise ValueError("stacked teacher lm_heads [M, D, V] need a per-row teacher index")
-    n, S = _chunking(N, seq_chunk)
+    n, R = _chunking(N, seq_chunk)
     c, C = _chunking(V, vocab_chunk)
     inv_s, inv_t = 1.0 / temperature, 1.0 / teacher_temperature
 
@@ -179,36 +179,36 @@ def vocab_reduce(
         return Tile(l_nc - lse_n[:, None], t_nc, ids_c, valid_c, C), w_c
 
     def split(h_ND, w_DV, aux, teacher):
-        """Strided chunk layout of every operand: rows [n, S, ...], columns [..., c, C]."""
+        """Strided chunk layout of every operand: rows [n, R, ...], columns [..., c, C]."""
         if teacher is not None:
             th_ND, tw, which_N = teacher
-            teacher = (_split_rows(th_ND, n, S), _split_cols(tw, c, C),
-                       _split_rows(which_N, n, S))
-        return _split_rows(h_ND, n, S), _split_cols(w_DV, c, C), _split_rows(aux, n, S), teacher
+            teacher = (_split_rows(th_ND, n, R), _split_cols(tw, c, C),
+                       _split_rows(which_N, n, R))
+        return _split_rows(h_ND, n, R), _split_cols(w_DV, c, C), _split_rows(aux, n, R), teacher
 
-    def teacher_chunk(teacher, tlse_nS, i):
+    def teacher_chunk(teacher, tlse_nR, i):
         if teacher is None:
             return None
         th_nD, which_n = _take((teacher[0], teacher[2]), i)
-        if tlse_nS is None:
+        if tlse_nR is None:
             tlse_n = _logsumexp_rows(th_nD, teacher[1], V, inv_t, which_n)
         else:
-            tlse_n = _take(tlse_nS, i)
+            tlse_n = _take(tlse_nR, i)
         return th_nD, teacher[1], which_n, tlse_n
 
     def forward(h_ND, w_DV, aux, teacher, with_dirs):
-        h_nSD, w_DcC, aux_nS, teacher = split(h_ND, w_DV, aux, teacher)
+        h_nRD, w_DcC, aux_nR, teacher = split(h_ND, w_DV, aux, teacher)
         tile0 = Tile(jnp.zeros((n, c)), None if teacher is None else jnp.zeros((n, c)),
                      jnp.zeros((c,), jnp.int32), jnp.ones((c,), bool), C)
-        shapes = jax.eval_shape(lambda aux_n: fn(tile0, aux_n), _take(aux_nS, 0))
+        shapes = jax.eval_shape(lambda aux_n: fn(tile0, aux_n), _take(aux_nR, 0))
 
         def zeros(*lead):
             return jax.tree.map(lambda s: jnp.zeros(lead + s.shape[1:]), shapes)
 
-        init = (jnp.zeros((n, S)), jnp.zeros((n, S)), zeros(n, S), zeros(n, S) if with_dirs else ())
+        init = (jnp.zeros((n, R)), jnp.zeros((n, R)), zeros(n, R), zeros(n, R) if with_dirs else ())
 
         def seq_body(i, acc):
-            h_nD, aux_n = _take((h_nSD, aux_nS), i)
+            h_nD, aux_n = _take((h_nRD, aux_nR), i)
             lse_n = _logsumexp_rows(h_nD, w_DcC, V, inv_s)
             teacher_n = teacher_chunk(teacher, None, i)
 
@@ -225,7 +225,7 @@ def vocab_reduce(
             tlse_n = jnp.zeros((n,)) if teacher_n is None else teacher_n[3]
             return _put(acc, (lse_n, tlse_n, *sums), i)
 
-        return _merge_rows(jax.lax.fori_loop(0, S, seq_body, init), N)
+        return _merge_rows(jax.lax.fori_loop(0, R, seq_body, init), N)
 
     @jax.custom_vjp
     def reduce(h_ND, w_DV, aux, teacher):
@@ -242,37 +242,37 @@ def vocab_reduce(
         # logp = l - lse(l), so dL/dl_v = dfn/da_v + p_v (g_lse - sum_j g_j . dirs_j).
         gdirs = jax.tree.map(lambda g, d: (g * d).reshape(N, -1).sum(-1), g_outs, dirs)
         gp_N = g_lse_N - sum(jax.tree.leaves(gdirs), jnp.zeros((N,)))
-        h_nSD, w_DcC, aux_nS, teacher = split(h_ND, w_DV, aux, teacher)
+        h_nRD, w_DcC, aux_nR, teacher = split(h_ND, w_DV, aux, teacher)
         # Padded rows get zero cotangents, so they add nothing to dw.
-        lse_nS, tlse_nS, gp_nS, g_nS = _split_rows((lse_N, tlse_N, gp_N, g_outs), n, S)
+        lse_nR, tlse_nR, gp_nR, g_nR = _split_rows((lse_N, tlse_N, gp_N, g_outs), n, R)
 
         # Vocabulary chunks outside, token chunks inside: each dw column chunk is summed in fp32
         # over the token chunks and stored once in lm_head's dtype, so the only fp32 accumulator
         # spanning the loops is dh [N, D], not dw [D, V]. Same sums in the same order as a
         # token-outer loop, so the gradients are bit-identical to it.
         def vocab_body(j, carry):
-            dh_nSD, dw_DcC = carry
+            dh_nRD, dw_DcC = carry
 
             def seq_body(i, carry):
-                dh_nSD, dw_Dc = carry
-                h_nD, aux_n, lse_n, gp_n, g_n = _take((h_nSD, aux_nS, lse_nS, gp_nS, g_nS), i)
-                t, w_Dc = tile(h_nD, w_DcC, lse_n, teacher_chunk(teacher, tlse_nS, i), j)
+                dh_nRD, dw_Dc = carry
+                h_nD, aux_n, lse_n, gp_n, g_n = _take((h_nRD, aux_nR, lse_nR, gp_nR, g_nR), i)
+                t, w_Dc = tile(h_nD, w_DcC, lse_n, teacher_chunk(teacher, tlse_nR, i), j)
                 _, vjp = jax.vjp(lambda a: fn(t._replace(logp_nc=a), aux_n), t.logp_nc)
                 dl_nc = vjp(g_n)[0] + jnp.exp(t.logp_nc) * gp_n[:, None]
                 dz_nc = jnp.where(t.valid_c, dl_nc, 0.0) * inv_s
-                dh_nD = _take(dh_nSD, i) + jnp.dot(dz_nc, w_Dc.T,
+                dh_nD = _take(dh_nRD, i) + jnp.dot(dz_nc, w_Dc.T,
                                                    preferred_element_type=jnp.float32)
                 dw_Dc = dw_Dc + jnp.dot(h_nD.T, dz_nc, preferred_element_type=jnp.float32)
-                return _put(dh_nSD, dh_nD, i), dw_Dc
+                return _put(dh_nRD, dh_nD, i), dw_Dc
 
             dw_Dc = jnp.zeros(w_DcC.shape[:-1], jnp.float32)
-            dh_nSD, dw_Dc = jax.lax.fori_loop(0, S, seq_body, (dh_nSD, dw_Dc))
+            dh_nRD, dw_Dc = jax.lax.fori_loop(0, R, seq_body, (dh_nRD, dw_Dc))
             dw_Dc = dw_Dc.astype(w_DcC.dtype)
-            return dh_nSD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
+            return dh_nRD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
 
-        init = (jnp.zeros(h_nSD.shape, jnp.float32), jnp.zeros(w_DcC.shape, w_DcC.dtype))
-        dh_nSD, dw_DcC = jax.lax.fori_loop(0, C, vocab_body, init)
-        dh_ND = _merge_rows(dh_nSD, N)
+        init = (jnp.zeros(h_nRD.shape, jnp.float32), jnp.zeros(w_DcC.shape, w_DcC.dtype))
+        dh_nRD, dw_DcC = jax.lax.fori_loop(0, C, vocab_body, init)
+        dh_ND = _merge_rows(dh_nRD, N)
         dw_DV = dw_DcC.reshape(w_DcC.shape[0], -1)[:, :V]
         return dh_ND.astype(h_ND.dtype), dw_DV, None, None
 
@@ -283,13 +283,13 @@ def vocab_reduce(
 # Column terms: each maps a tile to per-token partial sums over its columns (a ReduceFn body).
 
 
-def gather_term(t: Tile, ids_nK: jax.Array, logp_nc: jax.Array | None = None):
-    """(log-probs at ids_nK, hit mask); zero where the id lives in another chunk."""
+def gather_term(t: Tile, ids_nk: jax.Array, logp_nc: jax.Array | None = None):
+    """(log-probs at ids_nk, hit mask); zero where the id lives in another chunk."""
     logp_nc = t.logp_nc if logp_nc is None else logp_nc
-    offset_nK = ids_nK - t.ids_c[0]
-    local_nK = jnp.clip(offset_nK // t.stride, 0, t.ids_c.shape[0] - 1)
-    hit_nK = (offset_nK >= 0) & (local_nK * t.stride == offset_nK) & t.valid_c[local_nK]
-    return jnp.where(hit_nK, jnp.take_along_axis(logp_nc, local_nK, axis=1), 0.0), hit_nK
+    offset_nk = ids_nk - t.ids_c[0]
+    local_nk = jnp.clip(offset_nk // t.stride, 0, t.ids_c.shape[0] - 1)
+    hit_nk = (offset_nk >= 0) & (local_nk * t.stride == offset_nk) & t.valid_c[local_nk]
+    return jnp.where(hit_nk, jnp.take_along_axis(logp_nc, local_nk, axis=1), 0.0), hit_nk
 
 
 def entropy_term(t: Tile) -> jax.Array:
@@ -327,11 +327,11 @@ def jsd_term(t: Tile, beta: float) -> jax.Array:
     return jnp.where(t.valid_c, beta * kl_t + (1.0 - beta) * kl_s, 0.0).sum(-1)
 
 
-def topk_kl_term(t: Tile, ids_nK: jax.Array, teacher_logp_nK: jax.Array) -> jax.Array:
+def topk_kl_term(t: Tile, ids_nk: jax.Array, teacher_logp_nk: jax.Array) -> jax.Array:
     """sum_{v in teacher top-k} p_s (log p_s - log p_t) - p_s + p_t, NOT renormalised."""
-    a_nK, hit_nK = gather_term(t, ids_nK)
-    p_nK, q_nK = jnp.exp(a_nK), jnp.exp(teacher_logp_nK)
-    return jnp.where(hit_nK, p_nK * (a_nK - teacher_logp_nK) - p_nK + q_nK, 0.0).sum(-1)
+    a_nk, hit_nk = gather_term(t, ids_nk)
+    p_nk, q_nk = jnp.exp(a_nk), jnp.exp(teacher_logp_nk)
+    return jnp.where(hit_nk, p_nk * (a_nk - teacher_logp_nk) - p_nk + q_nk, 0.0).sum(-1)
 
 
 # Public primitives on [B, T, D] hidden states.
@@ -347,14 +347,14 @@ def chunked_logsumexp(h_ND, w_DV, vocab_chunk=8192, *, seq_chunk=1024, temperatu
                         vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[0]
 
 
-def chunked_gather_logprobs(h_BTD, w_DV, ids_BTK, *, temperature=1.0, vocab_chunk=8192,
+def chunked_gather_logprobs(h_BTD, w_DV, ids_BTk, *, temperature=1.0, vocab_chunk=8192,
                             seq_chunk=1024):
-    """log softmax(h @ w / temperature) at ids_BTK; differentiable w.r.t. h and w."""
-    B, T, K = ids_BTK.shape
-    fn = lambda t, ids_nK: (gather_term(t, ids_nK)[0],)  # noqa: E731
-    (logp_NK,) = vocab_reduce(fn, _flat(h_BTD), w_DV, _flat(ids_BTK), temperature=temperature,
+    """log softmax(h @ w / temperature) at ids_BTk; differentiable w.r.t. h and w."""
+    B, T, k = ids_BTk.shape
+    fn = lambda t, ids_nk: (gather_term(t, ids_nk)[0],)  # noqa: E731
+    (logp_Nk,) = vocab_reduce(fn, _flat(h_BTD), w_DV, _flat(ids_BTk), temperature=temperature,
                               vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[1]
-    return logp_NK.reshape(B, T, K)
+    return logp_Nk.reshape(B, T, k)
 
 
 def chunked_token_logprobs(h_BTD, w_DV, tokens_BT, *, temperature=1.0, vocab_chunk=8192,
@@ -417,19 +417,19 @@ def chunked_jsd(h_BTD, w_DV, teacher_h_BTD, teacher_w, beta, *, teacher_index_B=
                         seq_chunk)
 
 
-def chunked_topk_kl(h_BTD, w_DV, ids_BTK, teacher_logp_BTK, *, temperature=1.0,
+def chunked_topk_kl(h_BTD, w_DV, ids_BTk, teacher_logp_BTk, *, temperature=1.0,
                     vocab_chunk=8192, seq_chunk=1024):
     """Estimator-B term per token: `topk_kl_term` at the teacher's top-k ids, [B, T]."""
     B, T, _ = h_BTD.shape
     fn = lambda t, aux: (topk_kl_term(t, *aux),)  # noqa: E731
-    (out_N,) = vocab_reduce(fn, _flat(h_BTD), w_DV, (_flat(ids_BTK), _flat(teacher_logp_BTK)),
+    (out_N,) = vocab_reduce(fn, _flat(h_BTD), w_DV, (_flat(ids_BTk), _flat(teacher_logp_BTk)),
                             temperature=temperature, vocab_chunk=vocab_chunk,
                             seq_chunk=seq_chunk)[1]
     return out_N.reshape(B, T)
 
 
 def chunked_topk(h_BTD, w_DV, k, *, temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
-    """(ids_BTK, logprobs_BTK) of the k most likely tokens, a running top-k over vocab chunks.
+    """(ids_BTk, logprobs_BTk) of the k most likely tokens, a running top-k over vocab chunks.
 
     Scoring-side (teacher) primitive: the outputs are not differentiated; use
     `chunked_gather_logprobs` for differentiable log-probs at given ids.
@@ -440,29 +440,29 @@ def chunked_topk(h_BTD, w_DV, k, *, temperature=1.0, vocab_chunk=8192, seq_chunk
         raise ValueError(f"top-k k={k} must be in [1, vocab={V}]")
     h_ND, w_DV = jax.lax.stop_gradient((_flat(h_BTD), w_DV))
     N = h_ND.shape[0]
-    n, S = _chunking(N, seq_chunk)
+    n, R = _chunking(N, seq_chunk)
     c, C = _chunking(V, vocab_chunk)
-    h_nSD, w_DcC = _split_rows(h_ND, n, S), _split_cols(w_DV, c, C)
+    h_nRD, w_DcC = _split_rows(h_ND, n, R), _split_cols(w_DV, c, C)
     inv = 1.0 / temperature
 
     def seq_body(i, acc):
-        h_nD = _take(h_nSD, i)
+        h_nD = _take(h_nRD, i)
 
         def vocab_body(j, carry):
-            m_n, s_n, vals_nK, ids_nK = carry
+            m_n, s_n, vals_nk, ids_nk = carry
             l_nc, ids_c, _, _ = _logits(h_nD, w_DcC, j, V, inv)
             m_new = jnp.maximum(m_n, l_nc.max(-1))
             s_n = s_n * jnp.exp(m_n - m_new) + jnp.exp(l_nc - m_new[:, None]).sum(-1)
             top_vals, top_idx = jax.lax.top_k(l_nc, min(k, c))
-            vals_nK, pick = jax.lax.top_k(jnp.concatenate([vals_nK, top_vals], 1), k)
-            ids_nK = jnp.take_along_axis(jnp.concatenate([ids_nK, ids_c[top_idx]], 1), pick, 1)
-            return m_new, s_n, vals_nK, ids_nK
+            vals_nk, pick = jax.lax.top_k(jnp.concatenate([vals_nk, top_vals], 1), k)
+            ids_nk = jnp.take_along_axis(jnp.concatenate([ids_nk, ids_c[top_idx]], 1), pick, 1)
+            return m_new, s_n, vals_nk, ids_nk
 
         init = (jnp.full((n,), PAD_LOGIT), jnp.zeros((n,)), jnp.full((n, k), -jnp.inf),
                 jnp.zeros((n, k), jnp.int32))
-        m_n, s_n, vals_nK, ids_nK = jax.lax.fori_loop(0, C, vocab_body, init)
-        return _put(acc, (ids_nK, vals_nK - (m_n + jnp.log(s_n))[:, None]), i)
+        m_n, s_n, vals_nk, ids_nk = jax.lax.fori_loop(0, C, vocab_body, init)
+        return _put(acc, (ids_nk, vals_nk - (m_n + jnp.log(s_n))[:, None]), i)
 
-    init = (jnp.zeros((n, S, k), jnp.int32), jnp.zeros((n, S, k), jnp.float32))
-    ids_NK, logp_NK = _merge_rows(jax.lax.fori_loop(0, S, seq_body, init), N)
-    return ids_NK.reshape(B, T, k), logp_NK.reshape(B, T, k)
+    init = (jnp.zeros((n, R, k), jnp.int32), jnp.zeros((n, R, k), jnp.float32))
+    ids_Nk, logp_Nk = _merge_rows(jax.lax.fori_loop(0, R, seq_body, init), N)
+    return ids_Nk.reshape(B, T, k), logp_Nk.reshape(B, T, k)

@@ -10,6 +10,9 @@ import json
 import os
 import sys
 
+from mopd_jax.errors import UsageError
+
+
 def _user_errors():
     from models.config import ModelConfigError
     from models.hf import HFCheckpointError
@@ -19,10 +22,6 @@ def _user_errors():
     from mopd_jax.recipes.cli import user_errors
     return (ConfigError, ModelConfigError, HFCheckpointError, CheckpointError, MeshError,
             FileNotFoundError, UsageError, *user_errors())
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
 
 
 def _add_model_source(p, required=True):

@@ -32,7 +32,7 @@ import sys
 import time
 
 from mopd_jax import estimators
-from mopd_jax.cli import UsageError
+from mopd_jax.errors import UsageError
 
 GiB = 2**30
 STEPS = ("train", "score", "decode")
@@ -292,6 +292,7 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
     from mopd_jax.config import ConfigError
     from mopd_jax.recipes import common
     from mopd_jax.sampling import Engine
+    from mopd_jax.batches import MOPDBatch
     from mopd_jax.estimators import DistillLossConfig
     from mopd_jax.steps import distill_objective, make_optimizer, make_train_step, score_step
 
@@ -353,11 +354,10 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
                     teacher_index_B=sds((B,), i32),
                     **{f: sds((M, *getattr(teacher, f).shape), getattr(teacher, f).dtype)
                        for f in stacked})
-            batch = {"tokens": sds((B, T), i32), "mask": sds((B, T), i32),
-                     "domain": sds((B,), i32), "sampler_logp": sds((B, T), f32),
-                     "teacher": teacher, "reward": sds((B,), f32)}
-            if m.samples_per_prompt >= 2:
-                batch["orm_adv"] = sds((B,), f32)
+            batch = MOPDBatch(tokens_BT=sds((B, T), i32), mask_BT=sds((B, T), i32),
+                              domain_B=sds((B,), i32), sampler_logp_BT=sds((B, T), f32),
+                              teacher=teacher, reward_B=sds((B,), f32),
+                              orm_adv_B=sds((B,), f32) if m.samples_per_prompt >= 2 else None)
             step = make_train_step(graphdef, opt, distill_objective(
                 loss_cfg, aux_coef=mcfg.router_aux_loss_coef), microbatches=k, mesh=mesh)
             r = compile_step("train", step, (state, batch), n_dev=n_dev, loop_trips=k)

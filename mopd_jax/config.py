@@ -22,6 +22,8 @@ import yaml
 
 from models.config import ModelConfig, ModelConfigError, preset
 from mopd_jax.estimators import EstimatorKnobs
+from mopd_jax.merge import METHODS as MERGE_METHODS
+from mopd_jax.recipes import RECIPES
 from mopd_jax.data.isolation import MODES as _ISOLATION_MODES
 from mopd_jax.data.rewards import DISTINCT_ANSWERS as _DISTINCT_ANSWERS
 from mopd_jax.sharding import MeshConfig, MeshError
@@ -47,7 +49,8 @@ class RunConfig:
     seed: int = 0
     """Seed of parameter init, data order and sampling."""
     recipe: str = "mopd"
-    """What ``mopd train`` runs: sft, grpo, mopd (and the baselines: mix_rl, cascade, ...)."""
+    """What ``mopd train`` runs (``mopd_jax.recipes.RECIPES``): sft, grpo, mopd, and the
+    baselines mix_rl, cascade, offpolicy_ft, merge."""
     init: str = ""
     """Student start: an Orbax model checkpoint dir, ``hf:DIR``, or '' for a random init."""
     checkpoint_every: int = 50
@@ -60,6 +63,8 @@ class RunConfig:
     """Append every step's rollouts to the tensorstore rollout store ``OUT/rollouts``."""
 
     def __post_init__(self):
+        _check(self.recipe in RECIPES, "run.recipe",
+               f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
         _check(self.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
@@ -250,7 +255,7 @@ class OffPolicyConfig:
 class MergeConfig:
     """Param-Merge baselines over pi_0 (run.init) and the teachers (mopd.teachers)."""
 
-    method: typing.Literal["average", "task_arithmetic", "ties"] = "task_arithmetic"
+    method: typing.Literal[MERGE_METHODS] = "task_arithmetic"
     """average: mean of the teachers; task_arithmetic: pi_0 + lam * sum(teacher - pi_0);
     ties: TIES (trim to the top density of each task vector, elect signs, disjoint mean)."""
     lam: float = 0.5

@@ -2,8 +2,7 @@
 divergences, SFT and GRPO. The MOPD estimators (A, B, C, ...) are objects in
 ``mopd_jax.estimators`` built on ``aggregate`` here.
 
-Glossary of shape suffixes: B batch (sequences), T time, D model dim, V vocab, k top-k count,
-G group size (rollouts per prompt), M domains (one teacher each). `tokens_BT[b, t]` is the token
+Shape suffixes follow the one glossary in ``models/config.py``. `tokens_BT[b, t]` is the token
 that `h_BTD[b, t]` predicts (the caller shifts), and `mask_BT` is 1 on the response tokens that
 train. Nothing here builds a [B, T, V] array: the vocabulary work goes through `chunked`.
 
@@ -30,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mopd_jax.chunked import entropy_term, gather_term, jsd_term, teacher_operand, vocab_reduce
 
@@ -195,6 +195,16 @@ def group_advantages(rewards_B, group_size: int, *, normalize_std=True, eps=1e-6
     if normalize_std:
         adv_PG = adv_PG / (r_PG.std(-1, ddof=1, keepdims=True) + eps)
     return adv_PG.reshape(B)
+
+
+def group_advantages_host(rewards_B: np.ndarray, group_size: int, *,
+                          normalize_std: bool = True, eps: float = 1e-6) -> np.ndarray:
+    """``group_advantages`` on the host in numpy (the recipes' batches are built there)."""
+    r_PG = np.asarray(rewards_B).reshape(-1, group_size).astype(np.float32)
+    adv_PG = r_PG - r_PG.mean(-1, keepdims=True)
+    if normalize_std:
+        adv_PG = adv_PG / (r_PG.std(-1, ddof=1, keepdims=True) + eps)
+    return adv_PG.reshape(-1)
 
 
 def grpo_loss(logp_BT, old_logp_BT, advantages_B, mask_BT, domain_ids_B=None, *, num_domains=1,

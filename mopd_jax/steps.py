@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mopd_jax.batches import GRPOBatch, MOPDBatch, SFTBatch
 from mopd_jax.chunked import chunked_token_logprobs
 
 
@@ -76,23 +77,19 @@ def init_train_state(params, optimizer, mesh=None) -> dict:
 
 
 def distill_objective(loss_cfg, aux_coef: float = 0.0):
-    """Loss of the student on its rollouts against precomputed teacher scores.
-
-    batch: tokens [B, T], mask [B, T] (1 on response tokens), domain [B], sampler_logp [B, T]
-    (log-prob the sampler gave tokens[t]; optional), teacher (TeacherScores for targets
-    tokens[:, 1:]), orm_adv [B] and reward [B] (optional).
-    """
+    """Loss of the student on its rollouts (a ``MOPDBatch``) against precomputed teacher
+    scores."""
     from mopd_jax.estimators import DistillBatch, distill_loss
 
-    def objective(model, batch):
-        tokens = batch["tokens"]
+    def objective(model, batch: MOPDBatch):
+        tokens = batch.tokens_BT
         hidden, _, aux = model(tokens[:, :-1])
-        sampler = batch.get("sampler_logp")
-        db = DistillBatch(tokens_BT=tokens[:, 1:], mask_BT=batch["mask"][:, 1:],
-                          domain_ids_B=batch["domain"],
+        sampler = batch.sampler_logp_BT
+        db = DistillBatch(tokens_BT=tokens[:, 1:], mask_BT=batch.mask_BT[:, 1:],
+                          domain_ids_B=batch.domain_B,
                           sampler_logp_BT=None if sampler is None else sampler[:, 1:],
-                          orm_advantage_B=batch.get("orm_adv"), reward_B=batch.get("reward"))
-        loss, metrics = distill_loss(loss_cfg, hidden, model.lm_head_weight(), batch["teacher"],
+                          orm_advantage_B=batch.orm_adv_B, reward_B=batch.reward_B)
+        loss, metrics = distill_loss(loss_cfg, hidden, model.lm_head_weight(), batch.teacher,
                                      db)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
     return objective
@@ -100,14 +97,14 @@ def distill_objective(loss_cfg, aux_coef: float = 0.0):
 
 def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: float = 0.0,
                   num_domains: int = 1):
-    """Cross-entropy on tokens where mask == 1 (batch: tokens, mask, optional domain)."""
+    """Cross-entropy on tokens where mask == 1 (an ``SFTBatch``)."""
     from mopd_jax.losses import sft_loss
 
-    def objective(model, batch):
-        tokens = batch["tokens"]
+    def objective(model, batch: SFTBatch):
+        tokens = batch.tokens_BT
         hidden, _, aux = model(tokens[:, :-1])
         loss, metrics = sft_loss(hidden, model.lm_head_weight(), tokens[:, 1:],
-                                 batch["mask"][:, 1:], batch.get("domain"),
+                                 batch.mask_BT[:, 1:], batch.domain_B,
                                  num_domains=num_domains, vocab_chunk=vocab_chunk,
                                  seq_chunk=seq_chunk)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
@@ -121,25 +118,24 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
     """PPO-clip GRPO loss on rollouts, the policy's log-probs under softmax(logits / temperature)
     (the rollout temperature, so the ratio to the sampler's log-probs is 1 before the update).
 
-    batch: tokens [B, T], mask [B, T], domain [B], old_logp [B, T] (the sampler's log-probs:
-    one update per batch, so the behaviour policy is the sampler), adv [B], reward [B], and
-    ref_logp [B, T] when kl_coef > 0 (all aligned with tokens).
+    ``batch`` is a ``GRPOBatch``: the sampler's log-probs are the old policy (one update per
+    batch), ``ref_logp_BT`` is needed when kl_coef > 0.
     """
     from mopd_jax.losses import grpo_loss
 
-    def objective(model, batch):
-        tokens = batch["tokens"]
+    def objective(model, batch: GRPOBatch):
+        tokens = batch.tokens_BT
         hidden, _, aux = model(tokens[:, :-1])
         logp = chunked_token_logprobs(hidden, model.lm_head_weight(), tokens[:, 1:],
                                       temperature=temperature, vocab_chunk=vocab_chunk,
                                       seq_chunk=seq_chunk)
-        ref = batch.get("ref_logp")
-        loss, metrics = grpo_loss(logp, batch["old_logp"][:, 1:], batch["adv"],
-                                  batch["mask"][:, 1:], batch.get("domain"),
+        ref = batch.ref_logp_BT
+        loss, metrics = grpo_loss(logp, batch.sampler_logp_BT[:, 1:], batch.adv_B,
+                                  batch.mask_BT[:, 1:], batch.domain_B,
                                   num_domains=num_domains, clip_low=clip_low,
                                   clip_high=clip_high, kl_coef=kl_coef,
                                   ref_logp_BT=None if ref is None else ref[:, 1:],
-                                  aggregation=aggregation, reward_B=batch.get("reward"))
+                                  aggregation=aggregation, reward_B=batch.reward_B)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
     return objective
 

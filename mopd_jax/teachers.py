@@ -108,7 +108,6 @@ class TeacherPool:
                  teachers: dict[str, Teacher], *, mesh=None, placement: str = "resident"):
         self.routes, self.fallback, self.teachers = routes, fallback, teachers
         self.mesh, self.placement = mesh, placement
-        self.initial_kl: dict[str, float] = {}
 
     def route(self, domains) -> list[str]:
         """The teacher name of each sample (hard routing by its domain)."""
@@ -172,12 +171,14 @@ class TeacherPool:
                                      **{f: jnp.stack(v) for f, v in per_teacher.items()})
         return scores
 
-    def log_initial_kl(self, kl_by_teacher: Mapping[str, float]) -> None:
-        """Record each teacher's first-step per-token KL; warn when it looks foreign."""
+    @staticmethod
+    def log_initial_kl(kl_by_teacher: Mapping[str, float], record: dict[str, float]) -> None:
+        """Record each teacher's first-step per-token KL in ``record`` (the run's loop state,
+        checkpointed); warn when it looks foreign."""
         for name, kl in kl_by_teacher.items():
-            if name in self.initial_kl:
+            if name in record:
                 continue
-            self.initial_kl[name] = kl
+            record[name] = kl
             if kl > FOREIGN_KL:
                 print(f"warning: teacher {name}: initial per-token KL to the student is {kl:.3f} "
                       f"(> {FOREIGN_KL}); teachers from another base model break MOPD (paper: "

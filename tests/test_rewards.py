@@ -427,8 +427,8 @@ def test_isolation_auto_isolates_or_says_why():
 
     from mopd_jax.data import isolation as iso
 
-    got = iso.resolve("auto")
-    line = iso.describe("auto")
+    got = sandbox.resolve("auto")
+    line = sandbox.describe("auto")
     assert line.startswith(f"auto -> {got}")
     r = sandbox.run_python(PROBE, isolation="auto")
     assert r.ok, r.stderr
@@ -455,13 +455,13 @@ def test_isolation_auto_isolates_or_says_why():
 def test_isolation_unavailable_is_an_error(monkeypatch):
     from mopd_jax.data import isolation as iso
 
-    monkeypatch.setattr(iso, "_resolved", {})
-    monkeypatch.setattr(iso.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sandbox, "_resolved", {})
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     with pytest.raises(RewardError, match="bwrap is not installed.*use auto / none"):
         rewards.configure(isolation="bwrap")
-    assert iso.resolve("auto") == "none"
-    assert "bwrap is not installed; unshare is not installed" in iso.describe("auto")
+    assert sandbox.resolve("auto") == "none"
+    assert "bwrap is not installed; unshare is not installed" in sandbox.describe("auto")
     with pytest.raises(iso.IsolationError, match="unknown mode 'docker'"):
-        iso.resolve("docker")
-    monkeypatch.setattr(iso, "_resolved", {})
+        sandbox.resolve("docker")
+    monkeypatch.setattr(sandbox, "_resolved", {})
     rewards.configure(isolation="auto")

@@ -8,6 +8,7 @@ from flax import nnx
 
 from models.config import preset
 from models import build
+from mopd_jax.batches import GRPOBatch, MOPDBatch, SFTBatch
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.sharding import batch_sharding, init_sharded, make_mesh
@@ -23,9 +24,9 @@ def _batch(loss_cfg, teacher_params, graphdef, seed=0):
     tokens = jnp.asarray(rng.randint(3, CFG.vocab_size, (B, T)), jnp.int32)
     lengths = rng.randint(4, T - 4, B)
     mask = (np.arange(T)[None] >= 4) & (np.arange(T)[None] < 4 + lengths[:, None])
-    return {"tokens": tokens, "mask": jnp.asarray(mask, jnp.float32),
-            "domain": jnp.asarray(rng.randint(0, 2, B), jnp.int32),
-            "teacher": score_step(graphdef, teacher_params, tokens, loss_cfg=loss_cfg)}
+    return MOPDBatch(tokens_BT=tokens, mask_BT=jnp.asarray(mask, jnp.float32),
+                     domain_B=jnp.asarray(rng.randint(0, 2, B), jnp.int32), sampler_logp_BT=None,
+                     teacher=score_step(graphdef, teacher_params, tokens, loss_cfg=loss_cfg))
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_nan_gradient_is_skipped(setup):
     graphdef, student, teacher = setup
     loss_cfg = DistillLossConfig(estimator="A", num_domains=2)
     batch = _batch(loss_cfg, teacher, graphdef)
-    bad = dict(batch, teacher=batch["teacher"]._replace(
-        logp_BT=batch["teacher"].logp_BT.at[0, 5].set(jnp.nan)))
+    bad = batch.replace(teacher=batch.teacher._replace(
+        logp_BT=batch.teacher.logp_BT.at[0, 5].set(jnp.nan)))
     opt = make_optimizer(OptimizerConfig(lr=1e-2))
     state = init_train_state(jax.tree.map(jnp.copy, student), opt)
     before = jax.tree.map(np.asarray, state)
@@ -118,7 +119,7 @@ def test_sft_step_lowers_nll(setup):
     state = init_train_state(jax.tree.map(jnp.copy, student), opt)
     step = make_train_step(graphdef, opt, sft_objective(vocab_chunk=48))
     tokens = jnp.tile(jnp.arange(3, 3 + T, dtype=jnp.int32)[None], (B, 1))
-    batch = {"tokens": tokens, "mask": jnp.ones((B, T), jnp.float32)}
+    batch = SFTBatch(tokens_BT=tokens, mask_BT=jnp.ones((B, T), jnp.float32))
     losses = []
     for _ in range(5):
         state, m = step(state, batch)
@@ -149,8 +150,9 @@ def test_grpo_objective_is_at_the_rollout_temperature(setup):
     graphdef, student, _ = setup
     tokens = jnp.asarray(np.random.RandomState(3).randint(3, CFG.vocab_size, (B, T)), jnp.int32)
     mu = token_logprobs_step(graphdef, student, tokens, temperature=1.7)
-    batch = {"tokens": tokens, "mask": jnp.ones((B, T)).at[:, :4].set(0.0),
-             "old_logp": jnp.pad(mu, ((0, 0), (1, 0))), "adv": jnp.linspace(-1.0, 1.0, B)}
+    batch = GRPOBatch(tokens_BT=tokens, mask_BT=jnp.ones((B, T)).at[:, :4].set(0.0),
+                      domain_B=None, sampler_logp_BT=jnp.pad(mu, ((0, 0), (1, 0))),
+                      adv_B=jnp.linspace(-1.0, 1.0, B))
     model = nnx.merge(graphdef, student)
     for temperature, clipped in ((1.7, False), (1.0, True)):
         _, metrics = grpo_objective(clip_low=1e-4, clip_high=1e-4, temperature=temperature,

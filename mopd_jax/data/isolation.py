@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import sys
 import sysconfig
-import threading
 
 MODES = ("auto", "none", "bwrap", "unshare")
 NOBODY = 65534
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
-_NAMESPACES = "network, pid, ipc, uts and mount namespaces"
+NAMESPACES = "network, pid, ipc, uts and mount namespaces"
 
 
 class IsolationError(ValueError):
@@ -127,80 +125,6 @@ def _ancestors(path: str) -> list[str]:
     """'/a/b/c' -> ['/a', '/a/b']."""
     parts = path.strip("/").split("/")[:-1]
     return ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
-
-
-_resolved: dict[str, tuple[str, str | None]] = {}  # mode -> (mode that runs, why not)
-_lock = threading.Lock()
-
-# What a working OS sandbox must show: no network interface but lo, an unwritable /, no
-# trainer in /proc, an unprivileged uid (or no capabilities), a writable work dir.
-_PROBE = r"""
-import os, socket
-ok = [name for _, name in socket.if_nameindex()] == ["lo"]
-try:
-    open("/mopd-isolation-probe", "w")
-    ok = False
-except OSError:
-    pass
-open("probe.txt", "w").write("x")
-caps = [l for l in open("/proc/self/status") if l.startswith("CapEff:")][0].split()[1]
-ok = ok and int(caps, 16) == 0 and len([p for p in os.listdir("/proc") if p.isdigit()]) <= 3
-print("isolated" if ok else "not isolated")
-"""
-
-
-def available(mode: str) -> tuple[bool, str]:
-    """(works, reason): whether OS mode ``mode`` runs the probe program correctly here."""
-    exe = mode
-    if shutil.which(exe) is None:
-        return False, f"{exe} is not installed"
-    from mopd_jax.data import sandbox  # import here: sandbox imports this module
-
-    r = sandbox.run_resolved(_PROBE, mode, timeout_s=10.0)
-    if r.ok and r.stdout.strip() == "isolated":
-        return True, "ok"
-    why = (r.stderr.strip().splitlines() or [r.stdout.strip() or r.killed_reason or "?"])[-1]
-    return False, f"{exe} did not isolate the probe ({why[:200]})"
-
-
-def resolve(mode: str) -> str:
-    """The mode that runs for requested ``mode``: 'auto' -> bwrap, unshare or none (cached);
-    an explicit OS mode that does not work here raises ``IsolationError`` with the reason."""
-    check_mode(mode)
-    with _lock:
-        if mode not in _resolved:
-            if mode == "none":
-                _resolved[mode] = ("none", None)
-            elif mode == "auto":
-                why = []
-                for m in ("bwrap", "unshare"):
-                    ok, reason = available(m)
-                    if ok:
-                        _resolved[mode] = (m, None)
-                        break
-                    why.append(reason)
-                else:
-                    _resolved[mode] = ("none", "; ".join(why))
-            else:
-                ok, reason = available(mode)
-                _resolved[mode] = (mode, None) if ok else ("", reason)
-        got, why = _resolved[mode]
-    if not got:
-        raise IsolationError(f"rewards.code.isolation={mode}: {why}; install it, run where "
-                             "namespaces are allowed, or use auto / none")
-    return got
-
-
-def describe(mode: str) -> str:
-    """One line for the run header: which isolation ``mode`` gives here, and why."""
-    got = resolve(mode)
-    head = f"{mode} -> {got}" if mode == "auto" else got
-    if got == "none":
-        why = _resolved["auto"][1] if mode == "auto" else "requested"
-        return (f"{head} (rlimits and the in-process guard only: {why})")
-    who = f"uid {NOBODY}" if os.geteuid() == 0 else "caller's unprivileged uid"
-    return (f"{head} ({_NAMESPACES}; read-only system and interpreter dirs, only the work "
-            f"dir writable; {who})")
 
 
 # Runs in the sandbox bootstrap (root in fresh mount/pid/net namespaces made by `unshare`)

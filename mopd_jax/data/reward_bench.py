@@ -64,10 +64,10 @@ def main(argv=None) -> None:
             continue
         for mode in modes:
             if mode is not None:
-                from mopd_jax.data import isolation as iso
+                from mopd_jax.data import isolation as iso, sandbox
 
                 try:
-                    iso.resolve(mode)
+                    sandbox.resolve(mode)
                 except iso.IsolationError as e:
                     print(f"| {style} | {mode} | unavailable: {str(e)[:60]} |")
                     continue

@@ -39,6 +39,7 @@ import numpy as np
 
 from mopd_jax.data import code_judge, code_tests, instructions
 from mopd_jax.data import isolation as iso
+from mopd_jax.data import sandbox
 
 RewardFn = Callable[[str, dict], float]
 REWARDS: dict[str, RewardFn] = {}
@@ -66,14 +67,14 @@ def configure(settings=None, *, isolation: str | None = None,
         distinct_answers = distinct_answers or settings.math.distinct_answers
     if isolation is not None:
         try:
-            iso.resolve(isolation)  # fail now, at start-up, not at the first code prompt
+            sandbox.resolve(isolation)  # fail now, at start-up, not at the first code prompt
         except iso.IsolationError as e:
             raise RewardError(str(e)) from None
         _SETTINGS["isolation"] = isolation
     if distinct_answers is not None:
         _SETTINGS["distinct_answers"] = _check_distinct(distinct_answers,
                                                         "rewards.math.distinct_answers")
-    return (f"rewards: code sandbox isolation {iso.describe(_SETTINGS['isolation'])}; "
+    return (f"rewards: code sandbox isolation {sandbox.describe(_SETTINGS['isolation'])}; "
             f"math distinct answers -> {_SETTINGS['distinct_answers']}")
 
 

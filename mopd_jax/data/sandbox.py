@@ -44,10 +44,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from mopd_jax.data import isolation as iso
@@ -97,7 +99,7 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
         raise ValueError(f"run_python: max_procs must be >= 0, got {max_procs}")
     if max_output_bytes < 1:
         raise ValueError(f"run_python: max_output_bytes must be >= 1, got {max_output_bytes}")
-    return run_resolved(code, iso.resolve(isolation), timeout_s=timeout_s, memory_mb=memory_mb,
+    return run_resolved(code, resolve(isolation), timeout_s=timeout_s, memory_mb=memory_mb,
                         max_procs=max_procs, allow_network=allow_network,
                         max_output_bytes=max_output_bytes)
 
@@ -454,3 +456,76 @@ def _sandbox_main():
 
 _sandbox_main()
 '''
+
+
+# ------------------------------------------------ which isolation runs on this machine
+_resolved: dict[str, tuple[str, str | None]] = {}  # mode -> (mode that runs, why not)
+_lock = threading.Lock()
+
+# What a working OS sandbox must show: no network interface but lo, an unwritable /, no
+# trainer in /proc, an unprivileged uid (or no capabilities), a writable work dir.
+_PROBE = r"""
+import os, socket
+ok = [name for _, name in socket.if_nameindex()] == ["lo"]
+try:
+    open("/mopd-isolation-probe", "w")
+    ok = False
+except OSError:
+    pass
+open("probe.txt", "w").write("x")
+caps = [l for l in open("/proc/self/status") if l.startswith("CapEff:")][0].split()[1]
+ok = ok and int(caps, 16) == 0 and len([p for p in os.listdir("/proc") if p.isdigit()]) <= 3
+print("isolated" if ok else "not isolated")
+"""
+
+
+def available(mode: str) -> tuple[bool, str]:
+    """(works, reason): whether OS mode ``mode`` runs the probe program correctly here."""
+    exe = mode
+    if shutil.which(exe) is None:
+        return False, f"{exe} is not installed"
+    r = run_resolved(_PROBE, mode, timeout_s=10.0)
+    if r.ok and r.stdout.strip() == "isolated":
+        return True, "ok"
+    why = (r.stderr.strip().splitlines() or [r.stdout.strip() or r.killed_reason or "?"])[-1]
+    return False, f"{exe} did not isolate the probe ({why[:200]})"
+
+
+def resolve(mode: str) -> str:
+    """The mode that runs for requested ``mode``: 'auto' -> bwrap, unshare or none (cached);
+    an explicit OS mode that does not work here raises ``IsolationError`` with the reason."""
+    iso.check_mode(mode)
+    with _lock:
+        if mode not in _resolved:
+            if mode == "none":
+                _resolved[mode] = ("none", None)
+            elif mode == "auto":
+                why = []
+                for m in ("bwrap", "unshare"):
+                    ok, reason = available(m)
+                    if ok:
+                        _resolved[mode] = (m, None)
+                        break
+                    why.append(reason)
+                else:
+                    _resolved[mode] = ("none", "; ".join(why))
+            else:
+                ok, reason = available(mode)
+                _resolved[mode] = (mode, None) if ok else ("", reason)
+        got, why = _resolved[mode]
+    if not got:
+        raise iso.IsolationError(f"rewards.code.isolation={mode}: {why}; install it, run where "
+                             "namespaces are allowed, or use auto / none")
+    return got
+
+
+def describe(mode: str) -> str:
+    """One line for the run header: which isolation ``mode`` gives here, and why."""
+    got = resolve(mode)
+    head = f"{mode} -> {got}" if mode == "auto" else got
+    if got == "none":
+        why = _resolved["auto"][1] if mode == "auto" else "requested"
+        return (f"{head} (rlimits and the in-process guard only: {why})")
+    who = f"uid {iso.NOBODY}" if os.geteuid() == 0 else "caller's unprivileged uid"
+    return (f"{head} ({iso.NAMESPACES}; read-only system and interpreter dirs, only the work "
+            f"dir writable; {who})")

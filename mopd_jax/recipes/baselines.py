@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mopd_jax.batches import SFTBatch
 from mopd_jax.config import ConfigError, replace
 from mopd_jax.recipes import common
 from mopd_jax.recipes.grpo import run_grpo
@@ -32,7 +33,7 @@ from mopd_jax.steps import sft_objective
 from mopd_jax.teachers import SELF, TeacherError, load_teachers
 
 
-def run_mix_rl(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_mix_rl(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """Mix-RL: GRPO on the whole domain mix (every training domain, its own reward)."""
     if cfg.data.only_domains:
         raise ConfigError("data.only_domains: Mix-RL trains on the whole mix; unset it (use "
@@ -51,8 +52,8 @@ def run_phase(fn, cfg, quiet: bool = True) -> Path:
     t0 = time.perf_counter()
     print(f"[{cfg.run.name}] {cfg.run.recipe}, {cfg.optimizer.total_steps} steps",
           file=sys.stderr)
-    run = fn(cfg, resume=resume, quiet=quiet)
-    if run.stopped:
+    result = fn(cfg, resume=resume, quiet=quiet)
+    if result.stopped:
         raise KeyboardInterrupt(f"stopped during {cfg.run.name}; run the same command again "
                                 "to continue")
     print(f"[{cfg.run.name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -71,7 +72,7 @@ def _eval_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """Cascade RL: one GRPO stage per domain in cascade.order; OUT/stage<i>_<domain>/."""
     train = common.load_records(cfg)[0]
     order = list(cfg.cascade.order) or sorted(train)
@@ -113,9 +114,10 @@ def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run
         last = Path(init).parent / "eval.json"
         if last.is_file():
             shutil.copy(last, run.out / "eval.json")
-    run.samples = {k.split("/", 1)[1]: v for k, v in samples0.items()}
-    run.elapsed = time.perf_counter() - t0
-    return run
+    from mopd_jax.checkpoint import load_model_params
+    params = load_model_params(run.out / "model", run.mesh)[2]
+    return common.Result(run.out, params, False, time.perf_counter() - t0,
+                         {k.split("/", 1)[1]: v for k, v in samples0.items()})
 
 
 # ----------------------------------------------------------------------------- off-policy FT
@@ -158,11 +160,10 @@ def _store_rows(run: common.Run, pool) -> dict[str, np.ndarray]:
             "domain": run.domain_ids(list(data["domain"]))}
 
 
-def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """Off-Policy Finetune: SFT of pi_0 on teacher responses; saves OUT/model."""
-    run = common.setup(cfg, resume=resume, quiet=quiet)
+    run = common.init_student(common.setup(cfg, resume=resume, quiet=quiet))
     op, m = cfg.offpolicy, cfg.mopd
-    common.init_student(run)
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
                          mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
@@ -176,7 +177,7 @@ def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> commo
     stored = _store_rows(run, pool) if op.source == "store" else None
     if stored is None:
         _check_same_architecture(run, pool)
-    engine = common.make_engine(run)
+    engine = run.engine
     P = op.prompts_per_step
 
     def generate(i):
@@ -202,26 +203,23 @@ def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> commo
         idx = order[start:start + P] if n >= P else np.resize(order, P)
         return {k: v[idx] for k, v in stored.items()}
 
-    def step_fn(state, i):
+    def step_fn(state, i, loop):
         batch = generate(i) if stored is None else from_store(i)
         for d in batch["domain"]:
-            name = run.domains[d]
-            run.samples[name] = run.samples.get(name, 0) + 1
+            loop.count(run.domains[d])
         kept = np.ones(P, bool) if op.min_reward is None else batch["reward"] >= op.min_reward
         batch["mask"] = batch["mask"] * kept[:, None].astype(np.int32)
-        state, metrics = step(state, {k: batch[k] for k in ("tokens", "mask", "domain")})
+        state, metrics = step(state, SFTBatch(tokens_BT=batch["tokens"], mask_BT=batch["mask"],
+                                              domain_B=batch["domain"]))
         host = {"offpolicy/teacher_reward": float(batch["reward"].mean()),
                 "offpolicy/kept": float(kept.mean()),
-                **{f"samples/{d}": float(c) for d, c in sorted(run.samples.items())}}
+                **loop.sample_metrics()}
         return state, metrics, host, None
 
-    state = common.train_loop(run, state, step_fn, pipeline=pipeline,
-                              total_steps=cfg.optimizer.total_steps, resume=resume,
-                              prefix="offpolicy")
-    if not run.stopped:
-        common.export_student(run, state["params"])
-    run.final_params = state["params"]
-    return run
+    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+                                    total_steps=cfg.optimizer.total_steps, resume=resume,
+                                    prefix="offpolicy")
+    return common.finish(run, state["params"], loop)
 
 
 def _check_same_architecture(run: common.Run, pool) -> None:
@@ -235,7 +233,7 @@ def _check_same_architecture(run: common.Run, pool) -> None:
 
 
 # ----------------------------------------------------------------------------- merge
-def run_merge(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_merge(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """Param-Merge of mopd.teachers around run.init (merge.method); saves OUT/model."""
     from mopd_jax.loading import load_model
     from mopd_jax.merge import merge_params
@@ -247,7 +245,7 @@ def run_merge(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     teachers = {d: t for d, t in sorted(cfg.mopd.teachers.items()) if t != SELF}
     if not teachers:
         raise ConfigError("mopd.teachers: Param-Merge needs at least one teacher checkpoint")
-    common.init_student(run)
+    run = common.init_student(run)
     models = []
     for d, src in teachers.items():
         path = src[3:] if src.startswith("hf:") else src
@@ -265,6 +263,4 @@ def run_merge(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
         with open(run.out / "metrics.jsonl", "w") as f:
             f.write(json.dumps({"step": 0, **{f"samples/{d}": 0.0 for d in scores},
                                 **{f"eval/{d}": s for d, s in scores.items()}}) + "\n")
-    run.final_params = merged
-    run.elapsed = time.perf_counter() - t0
-    return run
+    return common.Result(run.out, merged, False, time.perf_counter() - t0, {})

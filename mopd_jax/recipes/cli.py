@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-RECIPES = {
-    "sft": ("mopd_jax.recipes.sft", "run_sft"),
-    "grpo": ("mopd_jax.recipes.grpo", "run_grpo"),
-    "mopd": ("mopd_jax.recipes.mopd", "run_mopd"),
-    "mix_rl": ("mopd_jax.recipes.baselines", "run_mix_rl"),
-    "cascade": ("mopd_jax.recipes.baselines", "run_cascade"),
-    "offpolicy_ft": ("mopd_jax.recipes.baselines", "run_offpolicy_ft"),
-    "merge": ("mopd_jax.recipes.baselines", "run_merge"),
-}
-
+from mopd_jax.merge import METHODS as MERGE_METHODS
+from mopd_jax.recipes import recipe_fn
 
 def user_errors() -> tuple:
     from mopd_jax.data.rewards import RewardError
@@ -41,24 +31,16 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def recipe_fn(name: str):
-    from mopd_jax.config import ConfigError
-    if name not in RECIPES:
-        raise ConfigError(f"run.recipe: unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    mod, fn = RECIPES[name]
-    return getattr(__import__(mod, fromlist=[fn]), fn)
-
-
 def _train(args):
     from mopd_jax.config import load_config
     from mopd_jax.sharding import initialize_distributed
     initialize_distributed()  # multi-process launch: before anything touches a device
     enable_compilation_cache()
     cfg = load_config(args.config, args.set)
-    run = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)
-    if run.stopped:
+    result = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)  # run.recipe checked on load
+    if result.stopped:
         raise KeyboardInterrupt
-    print(f"done: {run.out}")
+    print(f"done: {result.out}")
 
 
 def _eval(args):
@@ -70,7 +52,7 @@ def _eval(args):
     run = common.setup(cfg, resume=True, quiet=True)
     kw = {"hf": args.hf} if args.hf else {"checkpoint": args.checkpoint}
     loaded = load_model(mesh=run.mesh, role="sample", **kw)
-    run.graphdef, run.init_params, run.model_cfg = loaded.graphdef, loaded.params, loaded.cfg
+    run = run.with_model(loaded.graphdef, loaded.params, loaded.cfg)
     scores = common.evaluate(run, loaded.params)
     for d, s in scores.items():
         print(f"{d:12s} {s:.4f}")
@@ -185,7 +167,7 @@ def add_parsers(sub) -> None:
                    help="the common base (pi_0): mopd model dir or hf:DIR")
     p.add_argument("--models", required=True, nargs="+", metavar="DIR",
                    help="models to merge (mopd model dirs or hf:DIR)")
-    p.add_argument("--method", choices=["average", "task_arithmetic", "ties"],
+    p.add_argument("--method", choices=MERGE_METHODS,
                    default="task_arithmetic", help="merge method (default task_arithmetic)")
     p.add_argument("--lam", type=float, default=0.5,
                    help="task-vector scale for task_arithmetic and ties (default 0.5)")

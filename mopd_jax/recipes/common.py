@@ -1,10 +1,13 @@
 """Pieces every recipe composes: run directory, data, student, engine, evaluation, the loop.
 
-A recipe is ``setup(cfg) -> Run``, a ``step_fn(state, step) -> (state, metrics, rows)`` closure,
-and ``train_loop(run, state, step_fn)``. The loop owns what must be identical in every recipe:
-resume from the last good checkpoint (params, optimizer, data iterator, step), SIGTERM/SIGINT
--> save then exit, metrics read one step late and written to metrics.jsonl + TensorBoard, the
-rollout store, and progress with ETA.
+A recipe is ``setup(cfg) -> Run`` (the immutable setup: config, directory, mesh, tokenizer,
+data; ``init_student`` adds pi_0 and its engine), a ``step_fn(state, step, loop) -> (state,
+metrics, host metrics, rows)`` closure, ``train_loop(run, state, step_fn)`` and ``finish``
+(the epilogue: export the model unless stopped). The loop owns what must be identical in
+every recipe: resume from the last good checkpoint (params, optimizer, data iterator, step,
+and the ``Loop`` state: samples consumed, first-step KL), SIGTERM/SIGINT -> save then exit,
+metrics read one step late and written to metrics.jsonl + TensorBoard, the rollout store, and
+progress with ETA.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 import models
+from models.config import ModelConfig
 from mopd_jax import config as cfgmod
 from mopd_jax import sharding as shd
 from mopd_jax.config import Config, ConfigError
@@ -31,35 +36,66 @@ from mopd_jax.data.sources import DataError, read_records
 from mopd_jax.metrics import MetricsWriter, NullWriter, Progress, format_config
 from mopd_jax.sampling import Engine, SamplingParams, rollout
 from mopd_jax.steps import init_train_state, make_optimizer, make_train_step
+from mopd_jax.tokenizer import CharTokenizer, Tokenizer
 
 
 class RunError(ValueError):
     """A run cannot start: output directory, existing run, tokenizer/vocabulary mismatch."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """Everything a recipe step needs that does not change during the run."""
+    """What a recipe step needs that does not change during the run (the loop's changing
+    state is ``Loop``). The student fields are set by ``init_student`` / ``with_model``."""
 
     cfg: Config
     out: Path
-    mesh: object
-    tokenizer: object
+    mesh: Mesh
+    tokenizer: Tokenizer
     domains: tuple[str, ...]  # index = domain id in batches and metrics
     train_records: dict[str, list[dict]]
     eval_records: dict[str, list[dict]]
-    graphdef: object = None
-    model_cfg: object = None
-    init_params: object = None  # pi_0 as loaded (frozen: 'self' teacher, KL reference)
-    engine: Engine | None = None
-    stopped: bool = False  # the loop ended early on SIGTERM/SIGINT
-    elapsed: float = 0.0  # seconds in train_loop
-    final_params: object = None  # trained params when the recipe finished
-    samples: dict = dataclasses.field(default_factory=dict)  # rollouts consumed per domain
-    initial_kl: dict = dataclasses.field(default_factory=dict)  # teacher -> first-step KL
+    graphdef: nnx.GraphDef | None = None
+    model_cfg: ModelConfig | None = None
+    init_params: nnx.State | None = None  # pi_0 as loaded (frozen: 'self' teacher, KL ref)
+    engine: Engine | None = None  # the student's rollout engine (shapes of pi_0)
 
     def domain_ids(self, names) -> np.ndarray:
         return np.asarray([self.domains.index(d) for d in names], np.int32)
+
+    def with_model(self, graphdef, params, model_cfg) -> "Run":
+        """This run with another model as pi_0 (and an engine for its shapes)."""
+        run = dataclasses.replace(self, graphdef=graphdef, init_params=params,
+                                  model_cfg=model_cfg, engine=None)
+        return dataclasses.replace(run, engine=_engine(run))
+
+
+@dataclasses.dataclass
+class Loop:
+    """The loop's state beside the train state: owned by ``train_loop``, checkpointed with it,
+    updated by the step functions."""
+
+    samples: dict[str, float] = dataclasses.field(default_factory=dict)  # rollouts per domain
+    initial_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # teacher -> KL
+    stopped: bool = False  # ended early on SIGTERM/SIGINT
+    elapsed: float = 0.0  # seconds in train_loop
+
+    def count(self, domain: str, n: float = 1) -> None:
+        self.samples[domain] = self.samples.get(domain, 0) + n
+
+    def sample_metrics(self) -> dict[str, float]:
+        return {f"samples/{d}": float(c) for d, c in sorted(self.samples.items())}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a recipe returns."""
+
+    out: Path  # the run directory (OUT/model holds the model unless stopped)
+    params: nnx.State  # the trained params
+    stopped: bool
+    elapsed: float
+    samples: dict[str, float]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -150,8 +186,8 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
     return Run(cfg, out, mesh, tok, all_domains, train, evals)
 
 
-def init_student(run: Run) -> None:
-    """Student params (pi_0) from run.init, or a random init of cfg.model; sets run fields."""
+def init_student(run: Run) -> Run:
+    """``run`` with the student pi_0: run.init loaded, or a random init of cfg.model."""
     from mopd_jax.loading import load_model
 
     cfg = run.cfg
@@ -170,7 +206,7 @@ def init_student(run: Run) -> None:
     vocab = getattr(run.tokenizer, "vocab_size", None)
     if vocab is not None and vocab > mcfg.vocab_size:
         raise RunError(f"run.init: model vocabulary {mcfg.vocab_size} < tokenizer {vocab}")
-    run.graphdef, run.init_params, run.model_cfg = graphdef, params, mcfg
+    return run.with_model(graphdef, params, mcfg)
 
 
 def make_pipeline(run: Run, batch_size: int) -> PromptPipeline:
@@ -188,17 +224,14 @@ def seq_len(cfg: Config) -> int:
     return cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
 
 
-def make_engine(run: Run) -> Engine:
+def _engine(run: Run) -> Engine:
+    """The rollout engine for pi_0's shapes (compiles on first use, not here)."""
     cfg = run.cfg
-    if run.engine is None:
-        run.engine = Engine(run.graphdef, run.init_params,
-                            max_concurrent_decodes=cfg.rollout.slots,
-                            max_prefill_length=cfg.data.max_prompt_len,
-                            max_target_length=seq_len(cfg),
-                            max_prefill_batch=cfg.rollout.prefill_batch,
-                            stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,
-                            pad_id=getattr(run.tokenizer, "pad_id", 0) or 0)
-    return run.engine
+    return Engine(run.graphdef, run.init_params, max_concurrent_decodes=cfg.rollout.slots,
+                  max_prefill_length=cfg.data.max_prompt_len, max_target_length=seq_len(cfg),
+                  max_prefill_batch=cfg.rollout.prefill_batch,
+                  stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,
+                  pad_id=getattr(run.tokenizer, "pad_id", 0) or 0)
 
 
 def sampling_params(cfg: Config, greedy: bool = False) -> SamplingParams:
@@ -227,7 +260,7 @@ def rewards_of(run: Run, rb) -> np.ndarray:
 
 def evaluate(run: Run, params, domains=None) -> dict[str, float]:
     """Greedy mean reward per domain on the fixed, seeded held-out set."""
-    engine = make_engine(run)
+    engine = run.engine
     out = {}
     for d in domains or sorted(run.eval_records):
         recs = run.eval_records[d]
@@ -282,19 +315,19 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
                prefix: str = "train", store=None, final_eval: bool = True):
     """Run ``step_fn`` from the last checkpoint (or 0) to ``total_steps``; see module doc.
 
-    ``step_fn(state, step) -> (state, device_metrics, host_metrics, rows)``; ``rows`` is None
-    or the kwargs of ``RolloutStore.append``. Returns the final state.
+    ``step_fn(state, step, loop) -> (state, device_metrics, host_metrics, rows)``; ``rows`` is
+    None or the kwargs of ``RolloutStore.append``. Returns (final state, ``Loop``).
     """
     from mopd_jax.run_checkpoint import GracefulStop, RunCheckpointer, abstract_like
 
     cfg = run.cfg
     ckpt = RunCheckpointer(run.out / "checkpoints", max_to_keep=cfg.run.keep_checkpoints)
-    start = 0
+    start, loop = 0, Loop()
     if resume and ckpt.latest_step() is not None:
         start, state, extra = ckpt.restore(abstract_like(state))
         pipeline.set_state(extra["data"])
-        run.samples.update(extra.get("samples", {}))
-        run.initial_kl.update(extra.get("initial_kl", {}))
+        loop.samples.update(extra.get("samples", {}))
+        loop.initial_kl.update(extra.get("initial_kl", {}))
         print(f"resumed {run.out} at step {start}", file=sys.stderr)
         if store is not None:
             store.truncate_to_step(start)
@@ -303,7 +336,7 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
 
     def save(step, state, force=False):
         ckpt.save(step, state, {"data": pipeline.get_state(), "step": step,
-                                "samples": run.samples, "initial_kl": run.initial_kl,
+                                "samples": loop.samples, "initial_kl": loop.initial_kl,
                                 "config": cfgmod.to_dict(cfg)}, force=force)
 
     pending = None  # (step, device metrics, host metrics): fetched one step late
@@ -320,7 +353,7 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     with GracefulStop() as stop:
         step = start
         while step < total_steps:
-            state, dev, host, rows = step_fn(state, step)
+            state, dev, host, rows = step_fn(state, step, loop)
             flush()
             step += 1
             pending = (step, dev, host)
@@ -350,15 +383,29 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
         if is_primary():
             (run.out / "eval.json").write_text(json.dumps(scores, indent=1))
     writer.close()
-    run.stopped = step < total_steps
-    run.elapsed = time.perf_counter() - t0
-    return state
+    loop.stopped = step < total_steps
+    loop.elapsed = time.perf_counter() - t0
+    return state, loop
+
+
+def finish(run: Run, params, loop: Loop) -> Result:
+    """The recipes' epilogue: export OUT/model unless the loop was stopped."""
+    if not loop.stopped:
+        export_student(run, params)
+    return Result(run.out, params, loop.stopped, loop.elapsed, dict(loop.samples))
+
+
+def open_store(run: Run):
+    """The run's rollout store (``OUT/rollouts``), or None when off or not process 0."""
+    if not run.cfg.run.store_rollouts or not is_primary():  # one writer per store
+        return None
+    from mopd_jax.rollout_store import RolloutStore
+    return RolloutStore(run.out / "rollouts", max_len=seq_len(run.cfg))
 
 
 def export_student(run: Run, params, name: str = "model") -> Path:
     """Save the trained params as a model checkpoint (teacher / pi_0 / student) + tokenizer."""
     from mopd_jax.checkpoint import save_model
-    from mopd_jax.tokenizer import CharTokenizer
 
     out = run.out / name
     save_model(out, params, run.model_cfg)

@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from mopd_jax import config as cfgmod
-from mopd_jax.recipes import demo
-from mopd_jax.recipes.baselines import (run_cascade, run_merge, run_mix_rl, run_offpolicy_ft,
-                                        run_phase)
+from mopd_jax.recipes import demo, recipe_fn
+from mopd_jax.recipes.baselines import run_phase
 from mopd_jax.recipes.grpo import run_grpo
-from mopd_jax.recipes.mopd import run_mopd
 
 METHODS = {
     "mopd": "MOPD",
@@ -88,11 +86,6 @@ def method_config(method: str, base, out: Path, seed: int, mode: dict, pi0, teac
     return demo.phase_config(out, f"compare/{method}/s{seed}", mode, overrides, config, **{
         **common, **extra, "run.name": f"{method}-s{seed}", "run.out_dir": str(run_dir),
         "optimizer.total_steps": steps, "run.eval_every": every})
-
-
-RECIPE_FNS = {"mopd": run_mopd, "mopd_round2": run_mopd, "mix_rl": run_mix_rl,
-              "cascade": run_cascade, "offpolicy_ft": run_offpolicy_ft, "merge_avg": run_merge,
-              "merge_ta": run_merge, "merge_ties": run_merge}
 
 
 def _final_scores(run_dir: Path) -> dict[str, float]:
@@ -168,7 +161,7 @@ def run_compare(config: str = "demo", out: str = "runs/compare", quick: bool = F
             run_dir = Path(cfg.run.out_dir)
             reused = (run_dir / "model" / "model.json").is_file()
             t0 = time.perf_counter()
-            run_phase(RECIPE_FNS[method], cfg)
+            run_phase(recipe_fn(cfg.run.recipe), cfg)  # the recipe its config names
             wall = _wall(run_dir, None if reused else time.perf_counter() - t0)
             scores = _final_scores(run_dir)
             curve = _curve(run_dir)

@@ -95,9 +95,8 @@ def evaluate_models(cfg, pi0, teachers: dict, student) -> dict:
 
     def scores(path, domains=None):
         loaded = load_model(checkpoint=str(path), mesh=run.mesh, role="sample")
-        run.graphdef, run.init_params, run.model_cfg = (loaded.graphdef, loaded.params,
-                                                        loaded.cfg)
-        return common.evaluate(run, loaded.params, domains)
+        return common.evaluate(run.with_model(loaded.graphdef, loaded.params, loaded.cfg),
+                               loaded.params, domains)
 
     base = scores(pi0)
     stud = scores(student) if student is not None else base

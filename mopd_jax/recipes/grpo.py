@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from mopd_jax import sharding as shd
+from mopd_jax.batches import GRPOBatch
+from mopd_jax.losses import group_advantages_host
 from mopd_jax.recipes import common
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import grpo_objective, token_logprobs_step
@@ -19,19 +21,11 @@ from mopd_jax.steps import grpo_objective, token_logprobs_step
 MAX_EXTRA_ROUNDS = 2
 
 
-def group_advantages_np(rewards: np.ndarray, G: int, normalize_std: bool) -> np.ndarray:
-    r = rewards.reshape(-1, G).astype(np.float32)
-    adv = r - r.mean(-1, keepdims=True)
-    if normalize_std:
-        adv = adv / (r.std(-1, ddof=1, keepdims=True) + 1e-6)
-    return adv.reshape(-1)
-
-
 def collect_groups(run: common.Run, params, pipeline, step: int):
     """Sampled groups for one step: (rows dict [P*G, L], rewards, kept-group fraction, samples)."""
     cfg, g = run.cfg, run.cfg.grpo
     G, P = g.group_size, g.prompts_per_step
-    engine = common.make_engine(run)
+    engine = run.engine
     kept, rewards_all, samples = [], [], {}
     for round_ in range(1 + (MAX_EXTRA_ROUNDS if g.dynamic_sampling else 0)):
         prompts = next(pipeline)
@@ -41,7 +35,7 @@ def collect_groups(run: common.Run, params, pipeline, step: int):
         rewards_all.append(r)
         for d in rb.domain:
             samples[d] = samples.get(d, 0) + 1
-        adv = group_advantages_np(r, G, normalize_std=not g.dr_grpo)
+        adv = group_advantages_host(r, G, normalize_std=not g.dr_grpo)
         for p in range(len(prompts)):
             rows = slice(p * G, (p + 1) * G)
             if g.dynamic_sampling and np.all(r[rows] == r[rows][0]):
@@ -63,13 +57,14 @@ def collect_groups(run: common.Run, params, pipeline, step: int):
         out["adv"][dst], out["reward"][dst] = a, r
         out["domain"][dst] = run.domain_ids(rb.domain[rows])
     all_r = np.concatenate(rewards_all)
-    return out, all_r, len(kept) / P, samples, rb
+    batch = GRPOBatch(tokens_BT=out["tokens"], mask_BT=out["mask"], domain_B=out["domain"],
+                      sampler_logp_BT=out["old_logp"], adv_B=out["adv"], reward_B=out["reward"])
+    return batch, all_r, len(kept) / P, samples, rb
 
 
-def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """GRPO for optimizer.total_steps steps on the data mix; saves OUT/model."""
-    run = common.setup(cfg, resume=resume, quiet=quiet)
-    common.init_student(run)
+    run = common.init_student(common.setup(cfg, resume=resume, quiet=quiet))
     g = cfg.grpo
     pipeline = common.make_pipeline(run, g.prompts_per_step)
     opt, state = common.new_train_state(run)
@@ -79,34 +74,31 @@ def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
         aggregation="token_sum" if g.dr_grpo else "seq_mean", num_domains=len(run.domains),
         vocab_chunk=min(8192, V), aux_coef=run.model_cfg.router_aux_loss_coef,
         temperature=cfg.rollout.temperature))
-    store = _store(run)
+    store = common.open_store(run)
 
-    def step_fn(state, i):
+    def step_fn(state, i, loop):
         batch, rewards, kept, samples, _ = collect_groups(run, state["params"], pipeline, i)
         for d, n in samples.items():
-            run.samples[d] = run.samples.get(d, 0) + n
+            loop.count(d, n)
         if g.kl_coef > 0:
-            batch["ref_logp"] = _pad_left(shd.to_host(token_logprobs_step(
-                run.graphdef, run.init_params, batch["tokens"],
-                temperature=cfg.rollout.temperature, vocab_chunk=min(8192, V))))
+            batch = batch.replace(ref_logp_BT=_pad_left(shd.to_host(token_logprobs_step(
+                run.graphdef, run.init_params, batch.tokens_BT,
+                temperature=cfg.rollout.temperature, vocab_chunk=min(8192, V)))))
         state, metrics = step(state, batch)
         host = {"grpo/sample_reward": float(rewards.mean()), "grpo/kept_groups": kept,
-                **{f"samples/{d}": float(n) for d, n in sorted(run.samples.items())}}
+                **loop.sample_metrics()}
         rows = None
         if store is not None:
-            rows = dict(tokens=batch["tokens"], prompt_len=_prompt_len(batch),
-                        length=batch["mask"].sum(1) + _prompt_len(batch),
-                        sampler_logp=batch["old_logp"], reward=batch["reward"],
-                        domains=[run.domains[d] for d in batch["domain"]])
+            rows = dict(tokens=batch.tokens_BT, prompt_len=_prompt_len(batch),
+                        length=batch.mask_BT.sum(1) + _prompt_len(batch),
+                        sampler_logp=batch.sampler_logp_BT, reward=batch.reward_B,
+                        domains=[run.domains[d] for d in batch.domain_B])
         return state, metrics, host, rows
 
-    state = common.train_loop(run, state, step_fn, pipeline=pipeline,
-                              total_steps=cfg.optimizer.total_steps, resume=resume,
-                              prefix="grpo", store=store)
-    if not run.stopped:
-        common.export_student(run, state["params"])
-    run.final_params = state["params"]
-    return run
+    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+                                    total_steps=cfg.optimizer.total_steps, resume=resume,
+                                    prefix="grpo", store=store)
+    return common.finish(run, state["params"], loop)
 
 
 def _pad_left(logp_BT1: np.ndarray) -> np.ndarray:
@@ -115,13 +107,8 @@ def _pad_left(logp_BT1: np.ndarray) -> np.ndarray:
 
 
 def _prompt_len(batch) -> np.ndarray:
-    m = batch["mask"]
+    m = batch.mask_BT
     first = np.argmax(m > 0, axis=1)
     return np.where(m.any(1), first, 0).astype(np.int32)
 
 
-def _store(run: common.Run):
-    if not run.cfg.run.store_rollouts or not common.is_primary():  # one writer per store
-        return None
-    from mopd_jax.rollout_store import RolloutStore
-    return RolloutStore(run.out / "rollouts", max_len=common.seq_len(run.cfg))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from mopd_jax.batches import MOPDBatch
 from mopd_jax.estimators import DistillLossConfig
+from mopd_jax.losses import group_advantages_host
 from mopd_jax.recipes import common
-from mopd_jax.recipes.grpo import _store, group_advantages_np
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import distill_objective
 from mopd_jax.teachers import SELF, TeacherError, load_teachers, short_name
@@ -35,16 +36,15 @@ def check_routing(run: common.Run) -> None:
                            f"mopd.fallback={SELF}")
 
 
-def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """MOPD for optimizer.total_steps steps; saves OUT/model."""
     run = common.setup(cfg, resume=resume, quiet=quiet)
     m = cfg.mopd
     check_routing(run)
-    common.init_student(run)
+    run = common.init_student(run)
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
                          mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
-    pool.initial_kl = run.initial_kl  # restored with the checkpoint on --resume
     loss_cfg = loss_config(run)
     n = m.samples_per_prompt
     if loss_cfg.orm_alpha != 0.0 and n < 2:
@@ -54,26 +54,25 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
     opt, state = common.new_train_state(run)
     step = common.compile_train_step(run, opt, distill_objective(
         loss_cfg, aux_coef=run.model_cfg.router_aux_loss_coef))
-    engine = common.make_engine(run)
-    store = _store(run)
+    store = common.open_store(run)
 
-    def step_fn(state, i):
+    def step_fn(state, i, loop):
         prompts = next(pipeline)
-        rb = rollout(engine, state["params"], prompts, n=n,
+        rb = rollout(run.engine, state["params"], prompts, n=n,
                      sampling=common.sampling_params(cfg), seed=common.step_seed(cfg, i))
         rewards = common.rewards_of(run, rb)
         teacher = pool.score(rb.tokens, rb.domain, loss_cfg, lengths=rb.lengths)
-        batch = {"tokens": rb.tokens, "mask": rb.response_mask.astype(np.int32),
-                 "domain": run.domain_ids(rb.domain), "sampler_logp": rb.logprobs,
-                 "teacher": teacher, "reward": rewards}
-        if n >= 2:
-            batch["orm_adv"] = group_advantages_np(rewards, n, normalize_std=True)
+        batch = MOPDBatch(
+            tokens_BT=rb.tokens, mask_BT=rb.response_mask.astype(np.int32),
+            domain_B=run.domain_ids(rb.domain), sampler_logp_BT=rb.logprobs, teacher=teacher,
+            reward_B=rewards,
+            orm_adv_B=group_advantages_host(rewards, n, normalize_std=True) if n >= 2 else None)
         for d in rb.domain:
-            run.samples[d] = run.samples.get(d, 0) + 1
-        host = {f"samples/{d}": float(c) for d, c in sorted(run.samples.items())}
-        if teacher.logp_BT is not None:
-            _log_teacher_kl(pool, rb, teacher.logp_BT)
-            host.update({f"mopd/initial_kl/{t}": kl for t, kl in pool.initial_kl.items()})
+            loop.count(d)
+        host = loop.sample_metrics()
+        if teacher.logp_BT is not None:  # the first step's KL stays in the loop's state
+            pool.log_initial_kl(_teacher_kl(pool, rb, teacher.logp_BT), loop.initial_kl)
+            host.update({f"mopd/initial_kl/{t}": kl for t, kl in loop.initial_kl.items()})
         state, metrics = step(state, batch)
         rows = None
         if store is not None:
@@ -85,16 +84,13 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
                         domains=list(rb.domain))
         return state, metrics, host, rows
 
-    state = common.train_loop(run, state, step_fn, pipeline=pipeline,
-                              total_steps=cfg.optimizer.total_steps, resume=resume,
-                              prefix="mopd", store=store)
-    if not run.stopped:
-        common.export_student(run, state["params"])
-    run.final_params = state["params"]
-    return run
+    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+                                    total_steps=cfg.optimizer.total_steps, resume=resume,
+                                    prefix="mopd", store=store)
+    return common.finish(run, state["params"], loop)
 
 
-def _log_teacher_kl(pool, rb, teacher_logp_BT1) -> None:
+def _teacher_kl(pool, rb, teacher_logp_BT1) -> dict[str, float]:
     """Per-teacher mean per-token KL estimate (mu - teacher log-prob on response tokens)."""
     mask = rb.response_mask[:, 1:]
     diff = np.where(mask, rb.logprobs[:, 1:] - teacher_logp_BT1, 0.0)
@@ -103,4 +99,4 @@ def _log_teacher_kl(pool, rb, teacher_logp_BT1) -> None:
     for t in set(names):
         rows = np.asarray([i for i, x in enumerate(names) if x == t])
         out[short_name(t)] = float(diff[rows].sum() / max(mask[rows].sum(), 1))
-    pool.log_initial_kl(out)
+    return out

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from mopd_jax.batches import SFTBatch
 from mopd_jax.data.sources import DataError
 from mopd_jax.recipes import common
 from mopd_jax.steps import sft_objective
 
 
-def sft_rows(run: common.Run, prompts) -> dict[str, np.ndarray]:
-    """tokens/mask/domain arrays [B, L] for prompt + target + EOS (truncated to L)."""
+def sft_rows(run: common.Run, prompts) -> SFTBatch:
+    """Prompt + target + EOS rows [B, L] (truncated to L), the target masked in."""
     field = run.cfg.sft.target_field
     L = common.seq_len(run.cfg)
     tokens = np.zeros((len(prompts), L), np.int32)
@@ -27,14 +28,13 @@ def sft_rows(run: common.Run, prompts) -> dict[str, np.ndarray]:
         row = (list(p.tokens) + target)[:L]
         tokens[i, :len(row)] = row
         mask[i, len(p.tokens):len(row)] = 1
-    return {"tokens": tokens, "mask": mask,
-            "domain": run.domain_ids([p.domain for p in prompts])}
+    return SFTBatch(tokens_BT=tokens, mask_BT=mask,
+                    domain_B=run.domain_ids([p.domain for p in prompts]))
 
 
-def run_sft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
+def run_sft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """Train with SFT for optimizer.total_steps steps; saves the model as OUT/model."""
-    run = common.setup(cfg, resume=resume, quiet=quiet)
-    common.init_student(run)
+    run = common.init_student(common.setup(cfg, resume=resume, quiet=quiet))
     pipeline = common.make_pipeline(run, cfg.sft.batch_size)
     opt, state = common.new_train_state(run)
     V = run.model_cfg.vocab_size
@@ -42,15 +42,12 @@ def run_sft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Run:
         vocab_chunk=min(8192, V), num_domains=len(run.domains),
         aux_coef=run.model_cfg.router_aux_loss_coef))
 
-    def step_fn(state, i):
+    def step_fn(state, i, loop):
         batch = sft_rows(run, next(pipeline))
         state, metrics = step(state, batch)
         return state, metrics, {}, None
 
-    state = common.train_loop(run, state, step_fn, pipeline=pipeline,
-                              total_steps=cfg.optimizer.total_steps, resume=resume,
-                              prefix="sft")
-    if not run.stopped:
-        common.export_student(run, state["params"])
-    run.final_params = state["params"]
-    return run
+    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+                                    total_steps=cfg.optimizer.total_steps, resume=resume,
+                                    prefix="sft")
+    return common.finish(run, state["params"], loop)

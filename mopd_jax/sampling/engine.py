@@ -375,7 +375,7 @@ class Engine:
             cache=prefix.cache), result)
 
     def _prefill_batch_fn(self, params, tokens_PT, lengths_P, temperature_P, top_k_P, top_p_P,
-                          max_new_P, stop_PM, seed_P, *, num_samples):
+                          max_new_P, stop_PZ, seed_P, *, num_samples):
         """P right-padded prompts in one forward; n first tokens sampled from each last position.
 
         Rows never interact (causal attention, dropless MoE), so row p equals a lone prefill.
@@ -395,12 +395,12 @@ class Engine:
         tokens, logp = sample_logits(rows(logits_PV), step_keys.reshape(P * n, 2),
                                      rows(temperature_P), rows(top_k_P), rows(top_p_P))
         max_new_P = jnp.minimum(max_new_P, self.max_target_length - lengths_P)
-        stopped = jnp.any(tokens[:, None] == rows(stop_PM), axis=-1)
+        stopped = jnp.any(tokens[:, None] == rows(stop_PZ), axis=-1)
         done = stopped | rows(max_new_P <= 1)
         prefix = Prefix(cache=cache, length=lengths_P, tokens=tokens.reshape(P, n),
                         log_prob=logp.reshape(P, n), keys=keys_PN2, done=done.reshape(P, n),
                         temperature=temperature_P, top_k=top_k_P, top_p=top_p_P,
-                        max_new=max_new_P, stop_tokens=stop_PM)
+                        max_new=max_new_P, stop_tokens=stop_PZ)
         result = ResultTokens(tokens=tokens, log_prob=logp, valid=jnp.ones((P * n,), bool),
                               lengths=jnp.ones((P * n,), jnp.int32), done=done, stopped=stopped)
         return prefix, result
@@ -446,9 +446,9 @@ class Engine:
             model = nnx.merge(self.graphdef, params)
             hidden, cache, _ = model(state.tokens[:, None], state.pos[:, None],
                                      cache=state.cache)
-            logits_SV = model.logits(hidden)[:, 0]
+            logits_BV = model.logits(hidden)[:, 0]
         step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.pos + 1)
-        tokens, logp = sample_logits(logits_SV, step_keys, state.temperature, state.top_k,
+        tokens, logp = sample_logits(logits_BV, step_keys, state.temperature, state.top_k,
                                      state.top_p)
         live = state.active
         generated = jnp.where(live, state.generated + 1, state.generated)
