@@ -14,14 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import (CACHE_AXES, MLP, Attention, RMSNorm, constrain, default_inv_freq,
-                           dtype_of, param)
+from models.layers import CACHE_AXES, MLP, Attention, RMSNorm, constrain, dtype_of, param
 from models.moe import MoE
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs,
-                 inv_freq: tuple[float, ...]):
+                 inv_freq: tuple[float, ...] | None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.self_attn = Attention(cfg, layer_idx, rngs, inv_freq)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
@@ -45,9 +44,10 @@ class Decoder(nnx.Module):
     family = "base"
 
     @staticmethod
-    def rope_inv_freq(cfg: ModelConfig, layer_idx: int) -> tuple[float, ...]:
-        """RoPE inverse frequencies of block ``layer_idx`` (families with scaled RoPE override)."""
-        return default_inv_freq(cfg, layer_idx)
+    def rope_inv_freq(cfg: ModelConfig, layer_idx: int) -> tuple[float, ...] | None:
+        """RoPE inverse frequencies of block ``layer_idx``; None = plain RoPE (families with
+        scaled RoPE override)."""
+        return None
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg

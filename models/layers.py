@@ -82,14 +82,19 @@ def default_inv_freq(cfg: ModelConfig, layer_idx: int) -> tuple[float, ...]:
                                                    / rot)))
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, *, theta: float, rot: int,
+         inv_freq: tuple[float, ...] | None = None) -> jax.Array:
     """Rotary embedding, half-split (rotate_half) convention, angles in float32.
 
-    Rotates the leading ``2 * len(inv_freq)`` dims of each head and passes the rest through
-    (partial rotary, as Hugging Face's ``apply_rotary_pos_emb``).
+    Rotates the leading ``rot`` dims of each head and passes the rest through (partial
+    rotary, as Hugging Face's ``apply_rotary_pos_emb``). Plain RoPE's frequencies are computed
+    in the graph from ``theta``; a family with scaled RoPE passes its own ``inv_freq``.
     """
-    rot = 2 * len(inv_freq)
-    ang = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    if inv_freq is None:  # in the graph, as before families: the same bits as ever
+        inv = 1.0 / (theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
+    else:
+        inv = jnp.asarray(inv_freq, jnp.float32)
+    ang = positions_BT.astype(jnp.float32)[..., None] * inv
     cos = jnp.cos(ang)[:, :, None, :].astype(x_BTNH.dtype)
     sin = jnp.sin(ang)[:, :, None, :].astype(x_BTNH.dtype)
     x_rot, x_pass = x_BTNH[..., :rot], x_BTNH[..., rot:]
@@ -117,7 +122,7 @@ class Attention(nnx.Module):
 
     Per block: sliding window or full, its own KV-head count, optional QK-norm, q/k/v biases,
     a learnable per-head sink, values of another width (``v_head_dim``) scaled by a constant,
-    and RoPE over a leading part of the head (``inv_freq`` from the family).
+    and RoPE over a leading part of the head (``inv_freq`` from a family that scales RoPE).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs,
@@ -140,7 +145,7 @@ class Attention(nnx.Module):
         self.sinks = (param(None, (H,), ("q_heads",), cfg, init="zeros")
                       if cfg.has_sinks(layer_idx) else None)
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else None
-        self.inv_freq = inv_freq or default_inv_freq(cfg, layer_idx)
+        self.rope_theta, self.inv_freq = cfg.layer_rope_theta(layer_idx), inv_freq
 
     # The one KV-cache definition, used by prefill and decode alike.
     @staticmethod
@@ -179,8 +184,8 @@ class Attention(nnx.Module):
             v = v * jnp.asarray(cfg.attention_value_scale, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions_BT, self.inv_freq)
-        k = rope(k, positions_BT, self.inv_freq)
+        kw = dict(theta=self.rope_theta, rot=cfg.rotary_dim, inv_freq=self.inv_freq)
+        q, k = rope(q, positions_BT, **kw), rope(k, positions_BT, **kw)
         q = constrain(q, ("batch", "length", "q_heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
 

@@ -31,7 +31,6 @@ class Model(Decoder):
 
     @staticmethod
     def rope_inv_freq(cfg: ModelConfig, layer_idx: int) -> tuple[float, ...]:
-        base = default_inv_freq(cfg, layer_idx)
         if not cfg.rope_scaling:
-            return base
-        return llama3_inv_freq(base, **dict(cfg.rope_scaling))
+            return None
+        return llama3_inv_freq(default_inv_freq(cfg, layer_idx), **dict(cfg.rope_scaling))
