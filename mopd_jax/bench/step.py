@@ -32,6 +32,7 @@ from models.config import ModelConfig, preset
 import models
 from mopd_jax.bench import best_time
 from mopd_jax.config import OptimizerConfig
+from mopd_jax.batches import MOPDBatch, SFTBatch
 from mopd_jax.estimators import DistillLossConfig, TeacherScores
 from mopd_jax.steps import (distill_objective, init_train_state, make_optimizer, make_train_step,
                             sft_objective)
@@ -94,16 +95,17 @@ def model_flops(cfg: ModelConfig, B: int, T: int) -> float:
     return (6 * active_matmul_params(cfg) + attn) * B * T
 
 
-def make_batch(cfg: ModelConfig, B: int, T: int, objective: str, seed: int = 0) -> dict:
+def make_batch(cfg: ModelConfig, B: int, T: int, objective: str, seed: int = 0):
     """Random tokens [B, T + 1] (the model sees T positions), every target trained; mopd-A gets
-    fake teacher log-probs of the targets."""
+    fake teacher log-probs of the targets (an ``SFTBatch`` or a ``MOPDBatch``)."""
     rng = np.random.default_rng(seed)
-    batch = {"tokens": jnp.asarray(rng.integers(1, cfg.vocab_size, (B, T + 1)), jnp.int32),
-             "mask": jnp.ones((B, T + 1), jnp.float32), "domain": jnp.zeros((B,), jnp.int32)}
-    if objective == "mopd-A":
-        t_lp = -rng.exponential(np.log(cfg.vocab_size), (B, T)).astype(np.float32)
-        batch["teacher"] = TeacherScores(logp_BT=jnp.asarray(t_lp))
-    return batch
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (B, T + 1)), jnp.int32)
+    mask, domain = jnp.ones((B, T + 1), jnp.float32), jnp.zeros((B,), jnp.int32)
+    if objective != "mopd-A":
+        return SFTBatch(tokens_BT=tokens, mask_BT=mask, domain_B=domain)
+    t_lp = -rng.exponential(np.log(cfg.vocab_size), (B, T)).astype(np.float32)
+    return MOPDBatch(tokens_BT=tokens, mask_BT=mask, domain_B=domain, sampler_logp_BT=None,
+                     teacher=TeacherScores(logp_BT=jnp.asarray(t_lp)))
 
 
 def run(args) -> dict:
@@ -196,10 +198,10 @@ def _torch_reference(params, cfg, batch, args) -> dict | None:
     opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2),
                             eps=ocfg.eps, weight_decay=ocfg.weight_decay)
 
-    tokens = torch.from_numpy(np.array(batch["tokens"])).long()
+    tokens = torch.from_numpy(np.array(batch.tokens_BT)).long()
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mask = torch.from_numpy(np.array(batch["mask"]))[:, 1:]
-    t_lp = (torch.from_numpy(np.array(batch["teacher"].logp_BT))
+    mask = torch.from_numpy(np.array(batch.mask_BT))[:, 1:]
+    t_lp = (torch.from_numpy(np.array(batch.teacher.logp_BT))
             if args.objective == "mopd-A" else None)
 
     def loss_fn():
