@@ -12,6 +12,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from mopd_jax.bench import print_environment
 from mopd_jax.estimators import DistillBatch, DistillLossConfig, TeacherScores, distill_loss
 
 
@@ -46,6 +47,8 @@ def _naive(estimator, h, w, th, tw, tokens, mask, topk):
 
 
 def run(args) -> dict:
+    """{'env', 'vocab', 'batch', 'seq', 'hidden', 'estimators': {A|B|C: temp bytes, ratio}}."""
+    env = print_environment()
     B, T, D, V = args.batch, args.seq, args.hidden, args.vocab
     f32, bf16 = jnp.float32, jnp.bfloat16
     h = jax.ShapeDtypeStruct((B, T, D), bf16)
@@ -53,7 +56,7 @@ def run(args) -> dict:
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
     mask = jax.ShapeDtypeStruct((B, T), f32)
     dom = jax.ShapeDtypeStruct((B,), jnp.int32)
-    res = {}
+    res = {"env": env, "vocab": V, "batch": B, "seq": T, "hidden": D, "estimators": {}}
     print(f"loss + grad(h, lm_head) memory, B={B} T={T} D={D} V={V} bf16 inputs, fp32 softmax "
           f"({jax.devices()[0].device_kind}); target chunked/naive <= 5%")
     print(f"  {'estimator':10} {'chunked temp':>14} {'naive temp':>14} {'ratio':>8}")
@@ -77,6 +80,7 @@ def run(args) -> dict:
             lambda *a: _naive(est, *a, args.topk), argnums=(0, 1))).lower(
             h, w, h, w, tokens, mask).compile()
         ct, nt = c.memory_analysis().temp_size_in_bytes, n.memory_analysis().temp_size_in_bytes
-        res[est] = {"chunked_temp_bytes": ct, "naive_temp_bytes": nt, "ratio": ct / nt}
+        res["estimators"][est] = {"chunked_temp_bytes": ct, "naive_temp_bytes": nt,
+                                  "ratio": ct / nt}
         print(f"  {est:10} {ct / 2**30:11.3f} GiB {nt / 2**30:11.3f} GiB {ct / nt:8.2%}")
     return res

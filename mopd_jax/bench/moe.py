@@ -1,22 +1,22 @@
 """``mopd bench moe``: ragged (sort + grouped matmul) MoE dispatch vs the dense reference path.
 
 Both paths run the same Qwen3-30B-A3B-shaped expert layers (E=128, k=8, D=2048, F=768) on the
-same tokens in one process; the figure is the dense/ragged time ratio (higher = ragged faster)
-and the outputs' max difference, which must be at float32 round-off.
+same tokens in one process, timed in ``--iters`` interleaved rounds (ragged, dense, ...) after a
+warm-up of each; the figure is the dense/ragged time ratio (higher = ragged faster), median
+(min-max) round by round, and the outputs' max difference, which must be at float32 round-off.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models.config import preset
 from models.moe import MoE
+from mopd_jax.bench import fmt, interleaved, print_environment, ratios, scaled, spread
 
 
 def add_parser(sub):
@@ -33,17 +33,8 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def _time(fn, *args, iters):
-    jax.block_until_ready(fn(*args))  # compile + warm
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def run(args) -> dict:
+    env = print_environment()
     cfg = preset("qwen3-30b-a3b", num_experts=args.experts, num_experts_per_tok=args.top_k,
                  hidden_size=args.hidden, moe_intermediate_size=args.expert_ffn,
                  dtype=args.dtype, param_dtype=args.dtype)
@@ -64,21 +55,29 @@ def run(args) -> dict:
         return f
 
     ragged, dense = make("ragged"), make("dense")
-    t_r = _time(ragged, states, x, iters=args.iters)
-    t_d = _time(dense, states, x, iters=args.iters)
-    diff = float(jnp.max(jnp.abs(ragged(states, x).astype(jnp.float32)
-                                 - dense(states, x).astype(jnp.float32))))
+    fns = {"ragged": lambda: jax.block_until_ready(ragged(states, x)),
+           "dense": lambda: jax.block_until_ready(dense(states, x))}
+    for fn in fns.values():
+        fn()  # compile + warm
+    times, out = interleaved(fns, args.iters)
+    diff = float(jnp.max(jnp.abs(out["ragged"][-1].astype(jnp.float32)
+                                 - out["dense"][-1].astype(jnp.float32))))
+    t_r, t_d = spread(times["ragged"]), spread(times["dense"])
+    x = spread(ratios(times["dense"], times["ragged"]))
     flops_active = 2 * 3 * args.tokens * args.top_k * cfg.hidden_size * cfg.moe_intermediate_size
-    res = {"tokens": args.tokens, "layers": args.layers, "E": cfg.num_experts,
-           "k": cfg.num_experts_per_tok, "ragged_s": t_r, "dense_s": t_d,
-           "speedup_dense_over_ragged": t_d / t_r, "max_abs_diff": diff,
-           "ragged_active_gflops": flops_active * args.layers / t_r / 1e9,
+    res = {"env": env, "tokens": args.tokens, "layers": args.layers, "E": cfg.num_experts,
+           "k": cfg.num_experts_per_tok, "hidden": cfg.hidden_size,
+           "expert_ffn": cfg.moe_intermediate_size, "dtype": args.dtype, "iters": args.iters,
+           "ragged_s": t_r["median"], "dense_s": t_d["median"],
+           "ragged_ms": scaled(t_r, 1e3), "dense_ms": scaled(t_d, 1e3),
+           "speedup_dense_over_ragged": x["median"], "x_spread": x, "max_abs_diff": diff,
+           "ragged_active_gflops": flops_active * args.layers / t_r["median"] / 1e9,
            "device": jax.devices()[0].device_kind}
     print(f"MoE dispatch, E={cfg.num_experts} k={cfg.num_experts_per_tok} D={cfg.hidden_size} "
           f"F={cfg.moe_intermediate_size}, {args.tokens} tokens x {args.layers} layers, "
-          f"{args.dtype}, {res['device']}")
-    print(f"  ragged (sort + ragged_dot): {t_r * 1e3:9.2f} ms   "
+          f"{args.dtype}, {res['device']}; {args.iters} interleaved rounds, median (min-max)")
+    print(f"  ragged (sort + ragged_dot): {fmt(res['ragged_ms'], '.2f')} ms   "
           f"({res['ragged_active_gflops']:.1f} GFLOP/s on active experts)")
-    print(f"  dense reference           : {t_d * 1e3:9.2f} ms")
-    print(f"  ratio dense/ragged        : {t_d / t_r:9.2f}x   max |diff| {diff:.2e}")
+    print(f"  dense reference           : {fmt(res['dense_ms'], '.2f')} ms")
+    print(f"  ratio dense/ragged        : {fmt(x, '.2f')}x   max |diff| {diff:.2e}")
     return res

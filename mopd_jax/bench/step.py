@@ -2,7 +2,8 @@
 peak matmul FLOP/s and against ``transformers``, all measured in one run on identical weights.
 
 One ``make_train_step`` step (forward, chunked loss, backward, global-norm clip, AdamW) on B
-random sequences of T positions, timed after a warm-up (best of ``--iters``):
+random sequences of T positions, after a warm-up of each side, then ``--iters`` interleaved
+rounds (ours, torch, ours, ...); figures are median (min-max), the ratio taken round by round:
 
 * peak: a jitted ``jnp.dot`` of two ``--peak-size``^2 matrices of ``--dtype`` on the device;
 * FLOPs: the analytic model count ``6 * active matmul params * tokens + 12 * L * H * Hd * T *
@@ -14,6 +15,7 @@ random sequences of T positions, timed after a warm-up (best of ``--iters``):
   (converted with ``models.hf``), the same loss on full [B, T, V] logits, ``backward()``, then
   ``clip_grad_norm_`` and ``AdamW.step()``: the work of our step. Its fwd+bwd time alone is
   printed too; the first-step losses of both are compared (they see the same initial params).
+  torch runs on as many threads as XLA:CPU's pool has.
 
 Targets: >= 40% of peak, >= 1x transformers.
 """
@@ -30,7 +32,8 @@ from flax import nnx
 
 from models.config import ModelConfig, preset
 import models
-from mopd_jax.bench import best_time
+from mopd_jax.bench import (best_time, equal_threads, fmt, interleaved, inverse,
+                            print_environment, ratios, scaled, spread)
 from mopd_jax.config import OptimizerConfig
 from mopd_jax.batches import MOPDBatch, SFTBatch
 from mopd_jax.estimators import DistillLossConfig, TeacherScores
@@ -49,7 +52,8 @@ def add_parser(sub):
                    help="decoder blocks (fewer = quicker on CPU; 0 keeps the preset's)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="positions per sequence (model input)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps (best is kept)")
+    p.add_argument("--iters", type=int, default=3,
+                   help="interleaved rounds (ours, torch) after a warm-up of each")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="params, activations and the peak probe")
     p.add_argument("--objective", choices=["sft", "mopd-A"], default="sft",
@@ -109,6 +113,14 @@ def make_batch(cfg: ModelConfig, B: int, T: int, objective: str, seed: int = 0):
 
 
 def run(args) -> dict:
+    if args.no_hf:
+        return _run(args, None)
+    with equal_threads() as threads:
+        return _run(args, threads)
+
+
+def _run(args, threads) -> dict:
+    env = print_environment()
     over = dict(dtype=args.dtype, param_dtype=args.dtype)
     if args.layers:
         over["num_layers"] = args.layers
@@ -137,17 +149,29 @@ def run(args) -> dict:
         state, m = step(state, batch)
         return jax.block_until_ready(m["loss"])
 
-    t, _ = best_time(one, args.iters)
-    flops = model_flops(cfg, B, T)
-    res = {"model": cfg.name, "layers": cfg.num_layers, "batch": B, "seq": T,
-           "dtype": args.dtype, "objective": args.objective, "device": device.device_kind,
-           "active_params": active_matmul_params(cfg), "peak_flops": peak, "step_s": t,
-           "tok_s": B * T / t, "model_flops": flops, "xla_flops": xla_flops,
-           "achieved_flops": flops / t, "pct_peak": 100 * flops / t / peak,
-           "loss": first_loss}
+    fns = {"ours": one}
     if torch_ref is not None:
-        res.update(torch_ref)
-        res["x_torch"] = torch_ref["torch_step_s"] / t
+        fns["torch"] = torch_ref["train_step"]
+    times, _ = interleaved(fns, args.iters)
+    step_s = spread(times["ours"])
+    t = step_s["median"]
+    flops = model_flops(cfg, B, T)
+    res = {"env": env, "model": cfg.name, "layers": cfg.num_layers, "batch": B, "seq": T,
+           "dtype": args.dtype, "objective": args.objective, "device": device.device_kind,
+           "iters": args.iters, "threads": threads,
+           "active_params": active_matmul_params(cfg), "peak_flops": peak, "step_s": t,
+           "step_ms": scaled(step_s, 1e3), "tok_s": B * T / t,
+           "tok_s_spread": inverse(step_s, B * T), "model_flops": flops,
+           "xla_flops": xla_flops, "achieved_flops": flops / t, "pct_peak": 100 * flops / t / peak,
+           "pct_peak_spread": inverse(step_s, 100 * flops / peak), "loss": first_loss}
+    if torch_ref is not None:
+        t_step = spread(times["torch"])
+        t_fb, _ = interleaved({"fwd_bwd": torch_ref["fwd_bwd"]}, args.iters)
+        x = spread(ratios(times["torch"], times["ours"]))
+        res.update(torch_step_s=t_step["median"], torch_step_ms=scaled(t_step, 1e3),
+                   torch_fwd_bwd_s=spread(t_fb["fwd_bwd"])["median"],
+                   torch_tok_s=B * T / t_step["median"], torch_loss=torch_ref["loss"],
+                   x_torch=x["median"], x_torch_spread=x)
     _print(res, args.peak_size, torch_ref is None and not args.no_hf)
     if args.json:
         print(json.dumps(res))
@@ -157,26 +181,29 @@ def run(args) -> dict:
 def _print(r, peak_size, torch_missing):
     print(f"train step, {r['model']} ({r['layers']} layers, {r['active_params'] / 1e6:.1f}M "
           f"active matmul params), B={r['batch']} T={r['seq']}, {r['dtype']}, "
-          f"{r['objective']}, {r['device']}")
+          f"{r['objective']}, {r['device']}; {r['iters']} interleaved rounds, median (min-max)"
+          + (f", torch on {r['threads']} threads like XLA" if r["threads"] else ""))
     print(f"  peak matmul ({peak_size}^2 {r['dtype']} jnp.dot): {r['peak_flops'] / 1e9:10.1f} "
           f"GFLOP/s")
-    print(f"  ours : {r['step_s'] * 1e3:9.1f} ms/step {r['tok_s']:9.1f} tok/s   "
-          f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {r['pct_peak']:.1f}% of peak "
+    print(f"  ours : {fmt(r['step_ms'])} ms/step, {fmt(r['tok_s_spread'])} tok/s, "
+          f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {fmt(r['pct_peak_spread'])}% of peak "
           f"(target >= {TARGET_PCT_PEAK:.0f}%)")
     print(f"         FLOPs/step: analytic {r['model_flops'] / 1e9:.2f} G (used for % of peak), "
           f"XLA cost_analysis {r['xla_flops'] / 1e9:.2f} G (loop bodies counted once)")
     if "torch_step_s" in r:
-        print(f"  torch: {r['torch_step_s'] * 1e3:9.1f} ms/step {r['torch_tok_s']:9.1f} tok/s   "
+        print(f"  torch: {fmt(r['torch_step_ms'])} ms/step, {r['torch_tok_s']:.1f} tok/s "
               f"(fwd+bwd {r['torch_fwd_bwd_s'] * 1e3:.1f} ms, + clip + AdamW)")
-        print(f"  ours / torch: {r['x_torch']:.2f}x (target >= {TARGET_X_TORCH:.0f}x)   "
-              f"first-step loss ours {r['loss']:.6f} torch {r['torch_loss']:.6f}")
+        print(f"  ours / torch: {fmt(r['x_torch_spread'], '.2f')}x (target >= "
+              f"{TARGET_X_TORCH:.0f}x)   first-step loss ours {r['loss']:.6f} torch "
+              f"{r['torch_loss']:.6f}")
     elif torch_missing:
         print(f"  torch: skipped, torch/transformers not installed ({TORCH_HINT})")
 
 
 # ------------------------------------------------------------------------------ reference
 def _torch_reference(params, cfg, batch, args) -> dict | None:
-    """Seconds per transformers train step (same loss, clip and AdamW) and its first loss."""
+    """The transformers train step (same loss, clip and AdamW) and its fwd+bwd alone, as
+    callables after a warm-up, and its first loss; None without torch."""
     try:
         import torch
         import transformers
@@ -227,8 +254,4 @@ def _torch_reference(params, cfg, batch, args) -> dict | None:
         return loss
 
     first_loss = train_step().item()  # warm-up, at the initial params
-    t_step, _ = best_time(train_step, args.iters)
-    t_fb, _ = best_time(fwd_bwd, args.iters)
-    B, T = inputs.shape
-    return {"torch_step_s": t_step, "torch_fwd_bwd_s": t_fb, "torch_tok_s": B * T / t_step,
-            "torch_loss": first_loss}
+    return {"train_step": train_step, "fwd_bwd": fwd_bwd, "loss": first_loss}
