@@ -218,6 +218,12 @@ class Engine:
         out[:len(tokens)] = tokens
         return out, len(tokens)
 
+    def max_new_tokens(self, sampling: SamplingParams, prompt_length: int) -> int:
+        """Most tokens a request can generate (its first included): ``max_new_tokens``, clipped
+        to the room the cache leaves after the prompt, as the prefill clips it on device."""
+        return min(sampling.max_new_tokens or self.max_target_length,
+                   self.max_target_length - prompt_length)
+
     def _sampling_arrays(self, sampling: SamplingParams) -> tuple:
         """(temperature, top_k, top_p, max_new, stop_tokens, seed) as the jitted prefill
         takes them."""

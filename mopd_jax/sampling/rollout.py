@@ -5,7 +5,9 @@ prompts can start (``engine.max_prefill_batch``, e.g. the first fill of the slot
 prefilled in one forward (``prefill_batch``) and inserted together (``bulk_insert_batch``);
 otherwise one prompt at a time. A slot is refilled as soon as its sample finishes. Step
 results are read one step late (dispatch generate N, then read N-1) so the host never stalls
-the device; a finished slot therefore idles for one step before it is refilled.
+the device; a finished slot therefore idles for one step before it is refilled. The host
+counts each slot's steps to its length cap, so no step is dispatched only for slots whose
+last token is already in flight (the step a rollout's end would otherwise waste).
 
 The output is a ``RolloutBatch`` of padded arrays in prompt order (rollout r = prompt
 ``r // n``, sample ``r % n``), ready for the teacher/trainer score step:
@@ -113,6 +115,7 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
     out_logp: list[list[float]] = [[] for _ in range(R)]
     finish: list[str | None] = [None] * R
     owner: list[int | None] = [None] * S
+    left = [0] * S  # steps a slot may still take before its length cap (the engine's rule)
     free = collections.deque(range(S))
     todo = collections.deque(range(len(prompts)))
     state = engine.init_decode_state()
@@ -149,6 +152,7 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
                         free.append(s)  # never live on device: reusable at once
                     else:
                         owner[s] = r
+                        left[s] = engine.max_new_tokens(sampling, len(prompts[pi].tokens)) - 1
         return state
 
     def consume(res):
@@ -165,16 +169,19 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
     pending = None
     while True:
         state = admit(state)
-        live = any(o is not None for o in owner)
+        live = [s for s, o in enumerate(owner) if o is not None]
         if not live and pending is None:
             if todo:  # cannot happen (n <= S and every slot is free), but never spin
                 raise RuntimeError("rollout: no live slot and prompts left")
             break
         res = None
-        if live:
+        # with nothing in flight, a slot still owned is live whatever the count says
+        if any(left[s] > 0 for s in live) or (live and pending is None):
             state, res = engine.generate(params, state)
             res.copy_to_host_async()
             steps += 1
+            for s in live:
+                left[s] -= 1
         if pending is not None:
             consume(pending)
         pending = res
