@@ -114,7 +114,7 @@ def test_greedy_equals_transformers_generate(tiny):
     dataclasses.replace(GREEDY, max_new_tokens=10),
 ], ids=["t0.7-k20-p0.9", "t1.3", "greedy"])
 def test_sampler_logprob_equals_trainer_logprob(tiny, engine, sampling):
-    from mopd_jax.losses import chunked_token_logprobs
+    from mopd_jax.chunked import chunked_token_logprobs
     model, graphdef, params = tiny
     batch = rollout(engine, params, _prompts([4, 13, 8], seed=5), n=2, sampling=sampling)
     T = 1.0 if sampling.is_greedy else sampling.temperature
