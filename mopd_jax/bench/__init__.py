@@ -2,14 +2,16 @@
 
 Every verb prints its environment first (``environment``: CPU, cores, XLA's and torch's thread
 counts, versions, load average) and times ours and the reference *interleaved* (``interleaved``:
-ours, ref, ours, ref, ...), so a change of load during the run hits both alike; figures are
-the median and min-max over the rounds (``spread``), the ratio taken round by round.
+ours, ref, ours, ref, ...; garbage collected before and the collector paused during each
+call), so a change of load during the run hits both alike; figures are the median and min-max
+over the rounds (``spread``), the ratio taken round by round.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import glob
 import os
 import platform
@@ -29,21 +31,31 @@ def best_time(fn, iters):
     return best, out
 
 
-def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, clock=time.perf_counter
-                ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, clock=time.perf_counter,
+                gap_s: float = 0.2) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Call every fn once per round, in the mapping's order, for ``rounds`` rounds.
 
     Returns ({name: seconds of each call}, {name: result of each call}). Alternating the
     contenders (rather than all of ours, then all of theirs) makes a ratio taken round by round
-    fair on a machine whose load drifts.
+    fair on a machine whose load drifts. Before each call the garbage is collected and the
+    collector is paused until it returns (as ``timeit`` does: otherwise one contender's
+    garbage is collected in the other's time), and the call waits ``gap_s`` untimed, so that
+    threads the previous contender left spinning (OpenMP's, Eigen's) have gone to sleep.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     results: dict[str, list[Any]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = clock()
-            results[name].append(fn())
-            times[name].append(clock() - t0)
+            gc.collect()
+            if gap_s:
+                time.sleep(gap_s)
+            gc.disable()
+            try:
+                t0 = clock()
+                results[name].append(fn())
+                times[name].append(clock() - t0)
+            finally:
+                gc.enable()
     return times, results
 
 
@@ -185,6 +197,28 @@ def format_environment(env: Mapping) -> str:
             f"{env['device']}; threads: XLA {env['xla_threads']}, torch {torch}; "
             f"python {env['python']} {versions}; {flags}; load average {load}; "
             f"{env['date']}, git {env['git'] or '?'}")
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on the whole machine, CPU s of this process and its children), for
+    ``other_cores``; None where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is in user already
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(start, end) -> float | None:
+    """Cores that *other* processes kept busy, on average, between two ``cpu_snapshot``s: the
+    load a run competed with (0 on an idle machine)."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
 
 
 def print_environment() -> dict:

@@ -2,9 +2,11 @@
 
 Each run is a ``mopd bench`` verb with the arguments listed in ``RUNS`` (``--iters`` and the
 0.6B sampling shape's ``--layers`` can be changed here); the file holds, per run, its exact
-command, its result (environment included) and its wall time, and is rewritten after every
-run, so an interrupted ``all`` keeps what it measured. ``mopd bench report FILE --readme
-README.md`` (``mopd_jax.bench.report``) writes the README's tables from it.
+command, its result (environment included), its wall time, the load average at its end and
+the cores other processes kept busy meanwhile (``other_cores``), and is rewritten after every run, so an interrupted ``all`` keeps what it measured.
+``--update --only NAMES`` re-measures those runs into an existing file and keeps the others
+(the file lists every command that wrote it). ``mopd bench report FILE --readme README.md``
+(``mopd_jax.bench.report``) writes the README's tables from it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import shlex
 import time
 
-from mopd_jax.bench import print_environment
+from mopd_jax.bench import cpu_snapshot, other_cores, print_environment
 
 # (name, arguments of `mopd bench`): the README's figures. Timed runs take ``--iters``.
 RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -53,6 +55,8 @@ def add_parser(sub):
                    help="num_layers of the qwen3-0.6b sampling shape (default: its 28)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated subset of {','.join(n for n, _ in RUNS)}")
+    p.add_argument("--update", action="store_true",
+                   help="re-measure the --only runs into the existing OUT, keep its others")
     p.add_argument("--quick", action="store_true",
                    help="toy sizes (a smoke test of the pipeline; figures mean nothing)")
     p.add_argument("--readme", default=None, metavar="README",
@@ -81,6 +85,7 @@ def command(args) -> str:
     parts += ["--layers", str(args.layers)] if args.layers else []
     parts += ["--only", args.only] if args.only else []
     parts += ["--quick"] if args.quick else []
+    parts += ["--update"] if args.update else []
     return shlex.join(parts)
 
 
@@ -100,9 +105,18 @@ def run(args) -> dict:
     if unknown:
         raise ValueError(f"mopd bench all --only: unknown run(s) {unknown}; choose from "
                          f"{','.join(names)}")
+    if args.update and not args.only:
+        raise ValueError("mopd bench all --update: name the runs to re-measure with --only")
     env = print_environment()
     parser = _bench_parser()
     doc = {"command": command(args), "env": env, "quick": args.quick, "runs": []}
+    if args.update:
+        with open(args.json) as f:
+            old = json.load(f)
+        if old.get("quick") != args.quick:
+            raise ValueError(f"mopd bench all --update: {args.json} was measured with"
+                             f"{'' if old.get('quick') else 'out'} --quick; match it")
+        doc = dict(old, commands=old.get("commands", [old["command"]]) + [command(args)])
     t_all = time.perf_counter()
     for name, argv in RUNS:
         if name not in only:
@@ -110,15 +124,23 @@ def run(args) -> dict:
         argv = bench_argv(name, argv, args)
         cmd = shlex.join(["mopd", "bench"] + argv)
         print(f"\n=== {name}: {cmd}", flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_snapshot()
         sub = parser.parse_args(argv)
         result = sub.run(sub)
-        doc["runs"].append({"name": name, "bench": argv[0], "command": cmd, "result": result,
-                            "wall_s": time.perf_counter() - t0})
-        doc["wall_s"] = time.perf_counter() - t_all
-        doc["load_end"] = [round(x, 2) for x in os.getloadavg()]
+        run = {"name": name, "bench": argv[0], "command": cmd, "result": result,
+               "wall_s": time.perf_counter() - t0,
+               "load_end": [round(x, 2) for x in os.getloadavg()],
+               "other_cores": other_cores(cpu0, cpu_snapshot())}
+        if run["other_cores"] is not None:
+            print(f"=== {name}: other processes kept {run['other_cores']:.2f} cores busy on "
+                  "average during this run", flush=True)
+        doc["runs"] = [r for r in doc["runs"] if r["name"] != name] + [run]
+        doc["runs"].sort(key=lambda r: names.index(r["name"]))
+        if not args.update:
+            doc["wall_s"] = time.perf_counter() - t_all
+            doc["load_end"] = run["load_end"]
         _write(args.json, doc)
-    print(f"\nwrote {args.json} ({doc['wall_s']:.0f} s)")
+    print(f"\nwrote {args.json} ({time.perf_counter() - t_all:.0f} s)")
     if args.readme:
         from mopd_jax.bench.report import markdown, update_readme
         update_readme(args.readme, markdown(doc, source=args.json))

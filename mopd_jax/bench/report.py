@@ -63,20 +63,35 @@ def markdown(doc: dict, source: str = "bench.json") -> str:
     """Markdown for every run of an ``all`` document, each under its own command."""
     env = doc["env"]
     minutes, seconds = divmod(round(doc.get("wall_s", 0)), 60)
-    load_end = " ".join(f"{x:.2f}" for x in doc.get("load_end", env["load"]))
+    load_end = _load(doc.get("load_end", env["load"]))
+    later = doc.get("commands", [doc["command"]])[1:]
     out = [f"Measured by `{doc['command']}` on {env['date']} (git {env['git'] or '?'}, "
-           f"{minutes} min {seconds} s wall); tables written by `mopd bench report {source} "
-           f"--readme README.md`."
+           f"{minutes} min {seconds} s wall)"
+           + "".join(f", then `{c}`" for c in later)
+           + f"; tables written by `mopd bench report {source} --readme README.md`."
            + (" **Quick sizes: a smoke test, the figures mean nothing.**"
               if doc.get("quick") else ""),
            "",
            f"Environment: {format_environment(env)}; load average at the end {load_end}.",
            "Timed figures are the median (min–max) over interleaved rounds (ours, reference, "
-           "ours, …), the ratio taken round by round.", ""]
+           "ours, …), the ratio taken round by round. Each run below names its command, its "
+           "date, the load average (1, 5, 15 min) at its start and end (this run's own threads "
+           "count in it) and the cores other processes kept busy meanwhile (0 on an idle "
+           "machine).", ""]
     for r in doc["runs"]:
-        out += [f"**`{r['command']}`**", ""]
+        renv = r["result"]["env"]
+        loads = f"{_load(renv['load'])} → {_load(r['load_end'])}" if "load_end" in r \
+            else _load(renv["load"])
+        other = (f"; other processes kept {r['other_cores']:.2f} cores busy"
+                 if r.get("other_cores") is not None else "")
+        out += [f"**`{r['command']}`** ({renv['date']}, git {renv['git'] or '?'}, "
+                f"{r['wall_s']:.0f} s; load {loads}{other})", ""]
         out += _RENDER[r["bench"]](r["result"]) + [""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _load(load) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -123,7 +138,7 @@ def _sample(res: dict) -> list[str]:
                       fmt(r["hf_step_gflop_s"]) if hf else "-",
                       f"{r['roofline_ms']:.2f}", f"{r['pct_roofline']:.0f}%",
                       fmt(r["prefill_ms"]) + (" / " + fmt(r["hf_prefill_ms"]) if hf else ""),
-                      f"{r['rollout_other_ms_per_step']:.2f}"])
+                      f"{r['generate_steps']}", f"{r['rollout_other_ms_per_step']:.2f}"])
         if hf and r["x_hf"]["median"] < 1:
             below.append(f"{name} batch {r['batch']}")
     r0 = res["rows"][0]
@@ -137,11 +152,12 @@ def _sample(res: dict) -> list[str]:
     out += ["", "Decode step alone (N − 1 steps after a prefill, no host reads; transformers: "
             f"`forward` on its DynamicCache), roofline = (weights + live KV) / {bw:.1f} GB/s "
             "(best bandwidth probe); GFLOP/s of the analytic matmul + attention count; rollout "
-            "overhead = rollout time − prefill − steps × step, per step.", ""]
+            "steps: decode steps one `rollout()` dispatched; rollout overhead = rollout time − "
+            "prefill − steps × step, per step.", ""]
     out += _table(["model (layers)", "batch", "step ms ours", "step ms transformers",
                    "× (step)", "GFLOP/step", "GFLOP/s ours", "GFLOP/s transformers",
                    "roofline ms", "% of roofline", "prefill ms ours / transformers",
-                   "rollout overhead ms/step"], steps)
+                   "rollout steps", "rollout overhead ms/step"], steps)
     if below:
         out += ["", f"Below transformers (median ratio < 1): {', '.join(below)}."]
     for r in res["rows"]:
@@ -171,7 +187,7 @@ def _moe(res: dict) -> list[str]:
            f"{res['max_abs_diff']:.1e}"]
     return [f"{res['dtype']}, {res['iters']} rounds.", ""] + _table(
         ["experts", "tokens × layers", "ragged ms", "dense ms", "dense / ragged time",
-         "max |diff|"], [row])
+         "max abs diff"], [row])
 
 
 _RENDER = {"loss": _loss, "step": _step, "sample": _sample, "moe": _moe}
