@@ -5,7 +5,7 @@ The log-prob that comes with every sampled token (``μ`` in the MOPD importance 
     log softmax(logits / T)[token]        T = the request's temperature; T = 1 when greedy
 
 i.e. the *tempered* distribution, **not** renormalised after top-k / top-p truncation. The
-trainer can compute exactly this from its own forward pass (``losses.chunked_token_logprobs``
+trainer can compute exactly this from its own forward pass (``chunked.chunked_token_logprobs``
 with ``temperature=T``), whereas the truncated distribution would need the sampler's truncation
 set. Truncation only decides *which* tokens can be drawn.
 
