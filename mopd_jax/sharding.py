@@ -228,5 +228,7 @@ def use_rules(mesh: Mesh, role: str):
     def constrain(x, axes):
         spec = logical_to_spec(axes, x.shape, mesh, role)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-    with model_layers.activation_sharding(constrain):
+    def spec(axes, shape):
+        return logical_to_spec(axes, shape, mesh, role)
+    with model_layers.activation_sharding(constrain, mesh, spec):
         yield
