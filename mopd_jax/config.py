@@ -187,10 +187,14 @@ class GRPOConfig:
     """Dr. GRPO: no std normalisation of advantages and token-sum aggregation."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL to the initial policy (0: off)."""
+    resample_rounds: int = 2
+    """Dynamic sampling: extra rounds per step that draw only the missing groups' prompts;
+    groups still missing after them are padding rows (out of the loss and the metrics)."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
         _check(self.group_size >= 2, "grpo.group_size", "must be >= 2")
+        _check(self.resample_rounds >= 0, "grpo.resample_rounds", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +235,9 @@ class CascadeConfig:
 
     order: tuple[str, ...] = ()
     """Domain order of the stages ([]: sorted training domains). Steps are split evenly."""
+    stage_samples: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Sample budget of each domain's stage (with optimizer.sample_budget; default: that
+    budget split evenly between the stages)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,18 +280,46 @@ class CompareConfig:
 
     methods: tuple[str, ...] = ("mopd", "mix_rl", "cascade", "offpolicy_ft", "merge_avg",
                                 "merge_ta", "merge_ties")
-    """Methods to run (rows of compare.md)."""
+    """Methods to run (rows of compare.md); 'mopd' is one row per compare.estimators."""
+    protocol: typing.Literal["paper", "equal_samples"] = "paper"
+    """paper: the RL baselines get the teachers' per-domain budget (Mix-RL their sum, Cascade
+    each stage its domain's), MOPD and Off-Policy FT compare.samples; equal_samples: every
+    method compare.samples. Each run stops at its budget of consumed samples, its LR
+    schedule over samples."""
     samples: int = 28800
-    """Sample budget of every trained method: rollouts (or teacher responses) in all (the
-    built-in default: 450 MOPD steps of 64 rollouts, as in `mopd demo`)."""
+    """Sample budget (consumed rollouts, or teacher responses) of MOPD and Off-Policy FT, and
+    of every method under equal_samples (default: 450 MOPD steps of 64 rollouts)."""
+    teacher_samples: dict[str, int] = dataclasses.field(default_factory=dict)
+    """paper protocol: each domain teacher's consumed samples (default: read from the
+    teacher run's metrics.jsonl)."""
+    estimators: tuple[str, ...] = ("A",)
+    """MOPD estimators, one row each (A: the paper's headline, sampled-token)."""
+    lr_grid: tuple[float, ...] = ()
+    """Learning rates tried per trained method (seed 0); each keeps its best on a held-out
+    validation split disjoint from the test set ([]: the recipe's default lr)."""
+    ablations: tuple[str, ...] = ()
+    """Extra MOPD rows: foreign_teacher (teachers RL-trained from another SFT base),
+    dn_rescale (DN-MOPD domain rescale on)."""
     eval_points: int = 6
     """Held-out evaluations along each run (the sample-efficiency curves)."""
     second_round: bool = False
     """Also RL-train new teachers from the MOPD student and distil again (paper 5.4)."""
 
     def __post_init__(self):
+        from mopd_jax.estimators import REGISTRY
         _check(self.samples >= 1, "compare.samples", "must be >= 1")
         _check(self.eval_points >= 0, "compare.eval_points", "must be >= 0")
+        _check(bool(self.estimators), "compare.estimators", "give at least one, e.g. [A]")
+        for e in self.estimators:
+            _check(e in REGISTRY, "compare.estimators",
+                   f"unknown estimator {e!r}; choose from {sorted(REGISTRY)}")
+        for lr in self.lr_grid:
+            _check(lr > 0, "compare.lr_grid", f"learning rates must be > 0, got {lr}")
+        for a in self.ablations:
+            _check(a in ("foreign_teacher", "dn_rescale"), "compare.ablations",
+                   f"unknown ablation {a!r}; choose from ['dn_rescale', 'foreign_teacher']")
+        for d, n in self.teacher_samples.items():
+            _check(n >= 1, f"compare.teacher_samples.{d}", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +346,9 @@ class OptimizerConfig:
     """Global gradient-norm clip; 0 disables it."""
     microbatches: int = 1
     """Gradient accumulation: the batch is split into this many sequential microbatches."""
+    sample_budget: int = 0
+    """Stop when this many samples are consumed (0: run total_steps). When set, the cosine
+    decay runs over consumed samples (warmup stays in steps) and total_steps is a cap."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optimizer.lr", "must be > 0")
@@ -319,6 +357,7 @@ class OptimizerConfig:
         _check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
         _check(self.microbatches >= 1, "optimizer.microbatches", "must be >= 1")
         _check(self.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables)")
+        _check(self.sample_budget >= 0, "optimizer.sample_budget", "must be >= 0 (0: off)")
 
 
 @dataclasses.dataclass(frozen=True)
