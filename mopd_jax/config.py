@@ -61,6 +61,10 @@ class RunConfig:
     """Evaluate on the held-out set every this many steps (0: only at the end)."""
     store_rollouts: bool = True
     """Append every step's rollouts to the tensorstore rollout store ``OUT/rollouts``."""
+    log_every: int = 0
+    """Off a terminal, a progress line every this many steps (0: about 20 lines a run)."""
+    log_every_s: float = 60.0
+    """... and at least every this many seconds."""
 
     def __post_init__(self):
         _check(self.recipe in RECIPES, "run.recipe",
@@ -68,6 +72,8 @@ class RunConfig:
         _check(self.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
+        _check(self.log_every >= 0, "run.log_every", "must be >= 0")
+        _check(self.log_every_s > 0, "run.log_every_s", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +102,15 @@ class DataConfig:
     """Reward for records without a ``reward`` field (exact_match, math, code)."""
     only_domains: tuple[str, ...] = ()
     """Restrict training prompts to these domains (GRPO teachers: one domain each)."""
+    max_unk_fraction: float = 0.01
+    """Refuse data whose prompts and answers map more than this fraction of their tokens to
+    the tokenizer's unknown token (a count is printed whenever any do)."""
 
     def __post_init__(self):
         _check(self.builtin_size >= 1, "data.builtin_size", "must be >= 1")
         _check(self.eval_size >= 1, "data.eval_size", "must be >= 1")
         _check(self.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
+        _check(0 <= self.max_unk_fraction <= 1, "data.max_unk_fraction", "must be in [0, 1]")
         for d, w in self.weights.items():
             _check(w > 0, f"data.weights.{d}", f"must be > 0, got {w}")
 
@@ -561,7 +571,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: config file not found; pass an existing YAML file "
                           "(see configs/ for examples)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e}); fix the syntax at the reported line")
     if not isinstance(data, dict):
@@ -569,12 +582,16 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def raw_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The YAML file merged with ``--set`` overrides, before validation (what the user wrote)."""
+    data = load_yaml(path) if path else {}
+    return deep_merge(data, parse_overrides(overrides or []))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls=Config):
     """Config from an optional YAML file plus ``--set`` overrides, validated."""
-    data = load_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return build(cls, data)
+    return build(cls, raw_config(path, overrides))
 
 
 def to_dict(cfg) -> dict:
