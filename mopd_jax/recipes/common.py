@@ -277,9 +277,54 @@ def evaluate(run: Run, params, domains=None) -> dict[str, float]:
 def new_train_state(run: Run, params=None):
     """Optimizer and train state from a copy of pi_0 (the step donates its state; pi_0 stays
     alive as the 'self' teacher, the KL reference and the engine's shape template)."""
-    opt = make_optimizer(run.cfg.optimizer)
+    ocfg = run.cfg.optimizer
+    opt = make_optimizer(ocfg) if not ocfg.sample_budget else _sample_optimizer(ocfg)
     params = jax.tree.map(jnp.copy, run.init_params if params is None else params)
     return opt, init_train_state(params, opt, run.mesh)
+
+
+def _sample_optimizer(ocfg):
+    """``make_optimizer``'s AdamW with the learning rate a state field: a sample-budget run
+    sets it before every step from the samples consumed (``lr_at``)."""
+    import optax
+    parts = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
+    parts.append(optax.inject_hyperparams(optax.adamw)(
+        learning_rate=ocfg.lr, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+        weight_decay=ocfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def lr_at(ocfg, step: int, samples: float) -> float:
+    """Learning rate of a sample-budget run before 0-based ``step`` with ``samples`` consumed:
+    linear warmup over warmup_steps steps (0 at step 0, as optax's), times a cosine from lr
+    to lr * min_lr_ratio over samples / sample_budget."""
+    import math
+    warm = min(1.0, step / ocfg.warmup_steps) if ocfg.warmup_steps else 1.0
+    p = min(1.0, samples / ocfg.sample_budget)
+    end = ocfg.min_lr_ratio
+    return ocfg.lr * warm * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+def _set_lr(state, lr: float):
+    opt_state = state["opt_state"]
+    inj = opt_state[-1]
+    old = inj.hyperparams["learning_rate"]
+    new = jax.device_put(np.asarray(lr, old.dtype), old.sharding)
+    inj = inj._replace(hyperparams={**inj.hyperparams, "learning_rate": new})
+    return {**state, "opt_state": (*opt_state[:-1], inj)}
+
+
+def check_untruncated(cfg: Config) -> None:
+    """MOPD and GRPO use the sampler's log-prob as mu, which is the *untruncated* tempered
+    softmax (sampling/sampler.py): under top-k / top-p it is not the distribution the tokens
+    came from, and the importance ratio pi/mu would be biased without a word. Refuse."""
+    r = cfg.rollout
+    if r.top_k or r.top_p < 1.0:
+        field, value = ("rollout.top_k", r.top_k) if r.top_k else ("rollout.top_p", r.top_p)
+        raise ConfigError(f"{field}={value}: recipe {cfg.run.recipe} trains on the sampler's "
+                          "log-probs, which are untruncated, so truncated sampling would bias "
+                          "its importance ratio; set rollout.top_k=0 and rollout.top_p=1 "
+                          "(rollout.temperature is fine)")
 
 
 def compile_train_step(run: Run, opt, objective):
@@ -316,7 +361,9 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     """Run ``step_fn`` from the last checkpoint (or 0) to ``total_steps``; see module doc.
 
     ``step_fn(state, step, loop) -> (state, device_metrics, host_metrics, rows)``; ``rows`` is
-    None or the kwargs of ``RolloutStore.append``. Returns (final state, ``Loop``).
+    None or the kwargs of ``RolloutStore.append``. With ``optimizer.sample_budget`` the run
+    ends at the first step after which that many samples are consumed (total_steps is a cap)
+    and the learning rate follows ``lr_at``. Returns (final state, ``Loop``).
     """
     from mopd_jax.run_checkpoint import GracefulStop, RunCheckpointer, abstract_like
 
@@ -348,24 +395,37 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
             writer.write(step, {**flatten_metrics(prefix, _to_host(dev), run.domains), **host})
             pending = None
 
+    budget = cfg.optimizer.sample_budget  # samples: the run's end and its LR schedule
+
+    def spent() -> bool:
+        return bool(budget) and sum(loop.samples.values()) >= budget
+
     t0 = time.perf_counter()
     progress = Progress(total_steps - start, desc=f"{cfg.run.name} {prefix}")
     with GracefulStop() as stop:
         step = start
-        while step < total_steps:
+        while step < total_steps and not spent():
+            lr = None
+            if budget:
+                lr = lr_at(cfg.optimizer, step, sum(loop.samples.values()))
+                state = _set_lr(state, lr)
             state, dev, host, rows = step_fn(state, step, loop)
+            if lr is not None:
+                host = {**host, "optimizer/lr": lr}
             flush()
             step += 1
             pending = (step, dev, host)
             if store is not None and rows is not None:
                 store.append(step=step, **rows)
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+            if (cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps
+                    and not spent()):
                 flush()
                 scores = evaluate(run, state["params"])
                 writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
             progress.update(1)
             stopping = stop.requested_anywhere()  # every process stops at the same step
-            if step % cfg.run.checkpoint_every == 0 or step == total_steps or stopping:
+            if (step % cfg.run.checkpoint_every == 0 or step == total_steps or spent()
+                    or stopping):
                 flush()
                 save(step, state, force=stopping)
             if stopping:
@@ -377,13 +437,14 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     progress.close()
     ckpt.wait()
     ckpt.close()
-    if final_eval and step == total_steps:
+    finished = step == total_steps or spent()
+    if final_eval and finished:
         scores = evaluate(run, state["params"])
         writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
         if is_primary():
             (run.out / "eval.json").write_text(json.dumps(scores, indent=1))
     writer.close()
-    loop.stopped = step < total_steps
+    loop.stopped = not finished
     loop.elapsed = time.perf_counter() - t0
     return state, loop
 
