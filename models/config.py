@@ -22,8 +22,10 @@ from typing import Literal
 DType = Literal["float32", "bfloat16"]
 LayerType = Literal["full", "sliding"]
 ROUTERS = ("softmax", "sigmoid")
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("auto", "megablox", "ragged", "blocked", "dense")
 SINK_LAYERS = ("none", "all", "sliding")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn", "pallas_gpu")
+REMATS = ("none", "full", "save_dots", "save_attention", "offload")
 
 
 class ModelConfigError(ValueError):
@@ -113,9 +115,24 @@ class ModelConfig:
     """Groups eligible per token (ranked by the sum of their two best biased scores)."""
     routed_scaling_factor: float = 1.0
     """Multiplier on the routing weights after (optional) renormalisation."""
-    moe_impl: Literal["ragged", "dense"] = "ragged"
-    """'ragged': sort-based dropless dispatch through lax.ragged_dot; 'dense': every expert on
-    every token (the reference path, only for tests and tiny models)."""
+    moe_impl: Literal["auto", "megablox", "ragged", "blocked", "dense"] = "auto"
+    """How routed experts run (``models/moe.py``): 'megablox' (Pallas grouped matmul, TPU),
+    'ragged' (lax.ragged_dot, GPU), 'blocked' (a blocked grouped matmul, CPU), 'auto' (the
+    backend's: megablox on TPU, ragged on GPU, blocked on CPU), all dropless with per-device
+    dispatch; 'dense': every expert on every token (the reference, tests and tiny models)."""
+    # --- long rows ---
+    attention_impl: Literal["auto", "reference", "blockwise", "splash", "cudnn",
+                            "pallas_gpu"] = "auto"
+    """Attention backend (``models.attention``): 'auto' = splash on TPU, cuDNN on GPU, and
+    elsewhere the dense 'reference' for rows of one block (<= 512) or 'blockwise' (linear
+    memory) beyond; cached decode is blockwise over the live part of the cache."""
+    scan_layers: bool | None = None
+    """Run the blocks as a ``lax.scan`` over stacked parameters (one compiled body per run of
+    identical blocks). None = on for models of 16 or more layers."""
+    remat: Literal["none", "full", "save_dots", "save_attention", "offload"] = "none"
+    """Activation checkpointing of each block in training: 'full' recomputes the block,
+    'save_dots' keeps matmul outputs, 'save_attention' keeps the attention output and the MoE
+    combine (tags ``attn_out``, ``moe_out``), 'offload' keeps those in pinned host memory."""
     # --- numerics ---
     dtype: DType = "float32"
     """Compute dtype of activations; logits and softmaxes are always float32."""
@@ -180,6 +197,9 @@ class ModelConfig:
                  f"cannot supply num_experts_per_tok={self.num_experts_per_tok}")
             need(self.n_group == 1 or self.num_experts // self.n_group >= 2, "n_group",
                  "each group needs at least 2 experts (groups are ranked by their top 2)")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+             f"must be one of {list(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+        need(self.remat in REMATS, "remat", f"must be one of {list(REMATS)}, got {self.remat!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {list(MOE_IMPLS)}")
         for f in ("dtype", "param_dtype"):
             need(getattr(self, f) in ("float32", "bfloat16"), f,

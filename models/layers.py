@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import attend
 from models.config import ModelConfig
 
 Cache = dict  # {'k': [B, K, S, Hd], 'v': [B, K, S, Vd]} for one layer
@@ -225,34 +226,13 @@ class Attention(nnx.Module):
                                         (x_BTD.shape[0], S))
             keys, values = keys.astype(dt), values.astype(dt)
 
-        q_pos = positions_BT[:, :, None]
-        k_pos = k_pos_BS[:, None, :]
-        mask_BTS = k_pos <= q_pos
-        if self.window is not None:  # transformers: key j visible to query i iff i - j < window
-            mask_BTS &= k_pos > q_pos - self.window
-        if kv_valid_BS is not None and cache is None:
-            mask_BTS &= kv_valid_BS[:, None, :]
-        out = self._attend(q, keys, values, mask_BTS)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = attend(q, keys, values, q_pos_BT=positions_BT, k_pos_BS=k_pos_BS,
+                     k_valid_BS=kv_valid_BS if cache is None else None, window=self.window,
+                     sinks_H=sinks, impl=cfg.attention_impl, cached=cache is not None)
         B, T, H, Vd = out.shape
         y = out.reshape(B, T, H * Vd) @ self.o_proj[...].astype(dt).reshape(H * Vd, -1)
         return constrain(y, ("batch", "length", "embed")), new_cache
-
-    def _attend(self, q_BTHd, k_BKSd, v_BKSd, mask_BTS):
-        B, T, H, Hd = q_BTHd.shape
-        K = self.num_kv_heads
-        q = q_BTHd.reshape(B, T, K, H // K, Hd)
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSd,
-                            preferred_element_type=jnp.float32) / math.sqrt(Hd)
-        scores = jnp.where(mask_BTS[:, None, None], scores, -jnp.inf)
-        if self.sinks is not None:
-            sink = self.sinks[...].astype(jnp.float32).reshape(1, K, H // K, 1, 1)
-            m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
-            e = jnp.exp(scores - m)
-            probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
-        else:
-            probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v_BKSd.dtype), v_BKSd)
-        return out.reshape(B, T, H, v_BKSd.shape[-1])
 
 
 class MLP(nnx.Module):
