@@ -44,15 +44,20 @@ sg = jax.lax.stop_gradient
 def token_weights(mask_BT, aggregation: str) -> jax.Array:
     """c_BT such that loss = sum c * l for 'seq_mean', 'token_mean' or 'token_sum'.
 
-    'token_sum' divides by the constant B*T instead of any length: Dr. GRPO's aggregation.
+    Rows without a response token (GRPO's padding rows when dynamic sampling kept fewer
+    groups than asked) are not sequences: they leave every denominator, so the loss and its
+    gradient do not depend on how many there are. 'token_sum' divides by the constant
+    (rows with a response) * T instead of any length: Dr. GRPO's aggregation.
     """
     m_BT = mask_BT.astype(jnp.float32)
+    len_B1 = m_BT.sum(-1, keepdims=True)
+    rows = jnp.maximum((len_B1 > 0).sum(), 1).astype(jnp.float32)
     if aggregation == "seq_mean":
-        return m_BT / jnp.maximum(m_BT.sum(-1, keepdims=True), 1.0) / m_BT.shape[0]
+        return m_BT / jnp.maximum(len_B1, 1.0) / rows
     if aggregation == "token_mean":
         return m_BT / jnp.maximum(m_BT.sum(), 1.0)
     if aggregation == "token_sum":
-        return m_BT / m_BT.size
+        return m_BT / (rows * m_BT.shape[-1])
     raise ValueError(f"aggregation {aggregation!r} not in {AGGREGATIONS}")
 
 
@@ -118,13 +123,17 @@ def aggregate(per_token: PerToken, mask_BT, domain_ids_B, *, num_domains, aggreg
         s_B = masked(x_BT).sum(-1)
         metrics[name] = s_B.sum() / jnp.maximum(n_M.sum(), 1.0)
         metrics[name + "/domain"] = (s_B @ onehot_BM) / jnp.maximum(n_M, 1.0)
-    seqs_M = onehot_BM.sum(0)
+    # sequence metrics (length, reward) over rows with a response: padding rows are not
+    # sequences and must not show up as a phantom domain with reward 0
+    real_B = (m_BT.sum(-1) > 0).astype(jnp.float32)
+    real_BM = onehot_BM * real_B[:, None]
+    seqs_M = real_BM.sum(0)
     seq_metrics_B = {"resp_len": m_BT.sum(-1), **(seq_metrics_B or {})}
     for name, x_B in seq_metrics_B.items():
         if x_B is not None:
-            x_B = x_B.astype(jnp.float32)
-            metrics[name] = x_B.mean()
-            metrics[name + "/domain"] = (x_B @ onehot_BM) / jnp.maximum(seqs_M, 1.0)
+            x_B = jnp.where(real_B > 0, x_B.astype(jnp.float32), 0.0)
+            metrics[name] = x_B.sum() / jnp.maximum(real_B.sum(), 1.0)
+            metrics[name + "/domain"] = (x_B @ real_BM) / jnp.maximum(seqs_M, 1.0)
     return part_BT.sum(), jax.tree.map(sg, metrics)
 
 
@@ -134,20 +143,27 @@ def aggregate(per_token: PerToken, mask_BT, domain_ids_B, *, num_domains, aggreg
 
 def gkd_loss(student_h_BTD, student_w_DV, teacher_h_BTD, teacher_w, mask_BT, domain_ids_B=None,
              *, beta: float, num_domains=1, teacher_index_B=None, aggregation="token_mean",
-             teacher_temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
+             temperature=1.0, vocab_chunk=8192, seq_chunk=1024):
     """Generalised JSD(beta) distillation (GKD): beta=0 KL(teacher||student), beta=1 reverse KL.
 
     Convention of the GKD paper and TRL, see `chunked.jsd_term`. teacher_w may be [M, D, V]
-    routed by teacher_index_B. Metrics: divergence, entropy, resp_len, grad_token_share.
+    routed by teacher_index_B. ``temperature`` T divides the student's *and* the teacher's
+    logits (the distribution the rollouts were sampled from, MOPD.md).
+    Metrics: divergence, entropy, resp_len, grad_token_share.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"gkd_loss: beta={beta} must be in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"gkd_loss: temperature={temperature} must be > 0")
     B, T, _ = student_h_BTD.shape
+    h_ND = student_h_BTD.reshape(B * T, -1)
+    if temperature != 1.0:  # (h / T) @ W = logits / T
+        h_ND = h_ND / jnp.asarray(temperature, h_ND.dtype)
     fn = lambda t, aux: (jsd_term(t, beta), entropy_term(t))  # noqa: E731
     div_N, ent_N = vocab_reduce(
-        fn, student_h_BTD.reshape(B * T, -1), student_w_DV, None,
+        fn, h_ND, student_w_DV, None,
         teacher_operand(teacher_h_BTD, teacher_w, teacher_index_B),
-        teacher_temperature=teacher_temperature, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[1]
+        teacher_temperature=temperature, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)[1]
     div_BT = div_N.reshape(B, T)
     metrics_BT = {"divergence": sg(div_BT), "entropy": ent_N.reshape(B, T)}
     return aggregate(PerToken(div_BT, jnp.ones_like(div_BT), metrics_BT), mask_BT, domain_ids_B,

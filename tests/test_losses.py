@@ -1,4 +1,5 @@
-"""Losses: chunked == naive full softmax, estimator properties, weighting, metrics, GRPO."""
+"""Losses: chunked == naive full softmax, estimator properties, weighting, metrics (GRPO:
+test_grpo.py)."""
 
 import dataclasses
 import functools
@@ -519,54 +520,6 @@ def test_config_rejects_bad_fields_with_their_name():
         estimators.distill_loss(DistillLossConfig(estimator="C"), h, w, TeacherScores(), batch)
 
 
-# --- GRPO ---------------------------------------------------------------------------------------
-
-
-def test_group_advantages_by_hand():
-    r = jnp.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # second group constant
-    adv = jax.jit(lambda r: losses.group_advantages(r, 4))(r)
-    g = np.array([1.0, 0.0, 0.0, 1.0])
-    close(adv[:4], (g - g.mean()) / (g.std(ddof=1) + 1e-6))
-    np.testing.assert_array_equal(adv[4:], 0.0)
-    close(losses.group_advantages(r, 4, normalize_std=False)[:4], g - g.mean())
-
-
-def test_ppo_clip_and_k3_kl():
-    ratio = jnp.array([1.5, 0.5, 1.5, 1.1])
-    old = jnp.log(jnp.full((1, 4), 0.5))
-    logp = old + jnp.log(ratio)[None]
-    adv, mask = jnp.array([1.0]), jnp.ones((1, 4))
-
-    @functools.partial(jax.jit, static_argnames=("clip_high", "kl_coef"))
-    def f(lp, adv, **kw):
-        return jax.value_and_grad(lambda lp: losses.grpo_loss(
-            lp, old, adv, mask, aggregation="token_mean", **kw), has_aux=True)(lp)
-
-    (loss, metrics), g = f(logp, adv)
-    # A > 0: ratio above 1 + 0.2 is clipped (no gradient); ratio below 1 - 0.2 is not.
-    close(g[0], -jnp.array([0.0, 0.5, 0.0, 1.1]) / 4)
-    close(loss, -jnp.minimum(ratio, jnp.clip(ratio, 0.8, 1.2)).mean())
-    close(metrics["clip_frac"], 0.5)
-    _, g_neg = f(logp, -adv)
-    close(g_neg[0], jnp.array([1.5, 0.0, 1.5, 1.1]) / 4)  # A < 0: low side clips instead
-    _, g_hi = f(logp, adv, clip_high=0.6)
-    close(g_hi[0], -ratio / 4)  # clip_high widens only the upper side
-    ref = logp + 0.3
-    (l_kl, m_kl), g_kl = f(logp, adv, ref_logp_BT=ref, kl_coef=0.1)
-    close(m_kl["kl_ref"], math.exp(0.3) - 0.3 - 1)
-    close(g_kl - g, 0.1 * (1 - math.exp(0.3)) / 4)
-    close(l_kl, loss + 0.1 * (math.exp(0.3) - 0.3 - 1))
-    close(f(logp, adv, ref_logp_BT=logp, kl_coef=0.1)[0][0], loss)
-
-
-def test_dr_grpo_has_no_length_normalisation():
-    lp = jnp.log(jnp.full((2, 4), 0.5))
-    mask = jnp.array([[1.0, 0, 0, 0], [1, 1, 1, 1]])
-    adv = losses.group_advantages(jnp.array([1.0, 0.0]), 2, normalize_std=False)
-    loss, _ = losses.grpo_loss(lp, lp, adv, mask, aggregation="token_sum")
-    close(loss, -(0.5 * 1 + -0.5 * 4) / 8)  # ratio 1: sum_t -A over all tokens / (B*T)
-
-
 @pytest.mark.parametrize("name,beta", [("FKL", 0.0), ("JSD", 0.5)])
 def test_gkd_estimator_objects_are_the_exact_divergences_at_temperature(name, beta):
     """The 'FKL' / 'JSD' MOPD estimators (estimators/gkd.py): exact on the tiny vocabulary,
@@ -588,3 +541,14 @@ def test_gkd_estimator_objects_are_the_exact_divergences_at_temperature(name, be
     for got, want in zip(grads, jax.jit(jax.grad(naive, (0, 1)))(h, w)):
         close(got, want, GTOL)
     assert estimators.get(name).stacked == ("w",) and float(metrics["kl"]) > 0
+
+
+def test_gkd_loss_tempers_student_and_teacher():
+    """`gkd_loss(temperature=T)` divides both sides' logits by T, not only the teacher's."""
+    h, w, th, tw, batch = problem()
+    loss, _ = jax.jit(functools.partial(losses.gkd_loss, beta=0.0, temperature=1.7,
+                                        **CHUNKS))(h, w, th, tw, batch.mask_BT)
+    b = naive_logp(th, tw, 1.7)
+    for a, want_equal in ((naive_logp(h, w, 1.7), True), (naive_logp(h, w), False)):
+        naive = ((jnp.exp(b) * (b - a)).sum(-1) * batch.mask_BT).sum() / batch.mask_BT.sum()
+        assert np.isclose(float(loss), float(naive), rtol=ATOL, atol=ATOL) == want_equal

@@ -116,8 +116,13 @@ class PromptPipeline:
         return self
 
     def __next__(self) -> list[Prompt]:
+        return self.take(self.batch_size)
+
+    def take(self, n: int) -> list[Prompt]:
+        """The next ``n`` prompts of the stream (``next`` takes ``batch_size``); GRPO's dynamic
+        sampling draws only as many as it is missing."""
         batch = []
-        while len(batch) < self.batch_size:
+        while len(batch) < n:
             prompt = self._next_prompt()
             if prompt is not None:
                 batch.append(prompt)

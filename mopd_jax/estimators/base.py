@@ -24,7 +24,7 @@ REGISTRY: dict[str, "Estimator"] = {}
 class TeacherScores(NamedTuple):
     """What each sequence's teacher returned; which fields depends on the estimator."""
 
-    logp_BT: jax.Array | None = None  # A, B: teacher log-prob of tokens_BT
+    logp_BT: jax.Array | None = None  # teacher log-prob of tokens_BT (A, B: loss; all: KL log)
     topk_ids_BTk: jax.Array | None = None  # B
     topk_logp_BTk: jax.Array | None = None  # B: unnormalised over the top-k
     hidden_BTD: jax.Array | None = None  # C: teacher final hidden states

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mopd_jax.chunked import (entropy_term, gather_term, reverse_kl_term, teacher_operand,
-                              vocab_reduce)
+from mopd_jax.chunked import (chunked_token_logprobs, entropy_term, gather_term,
+                              reverse_kl_term, teacher_operand, vocab_reduce)
 from mopd_jax.estimators.base import (Estimator, TeacherScores, band, chunk_kw, finish, register,
                                       sg, tempered)
 
@@ -28,7 +28,12 @@ class ExactKL(Estimator):
     summary = "exact full-vocabulary reverse KL"
 
     def score(self, cfg, teacher_h_BTD, teacher_w_DV, tokens_BT):
-        return TeacherScores(hidden_BTD=teacher_h_BTD, w=teacher_w_DV)
+        # The loss needs only the hidden states and head; the sampled tokens' log-probs (one
+        # more chunked head pass) are for the logged KL to the teacher: the first-step
+        # foreign-teacher check and the rollout store that `mopd inspect` reads.
+        return TeacherScores(hidden_BTD=teacher_h_BTD, w=teacher_w_DV, logp_BT=(
+            chunked_token_logprobs(teacher_h_BTD, teacher_w_DV, tokens_BT,
+                                   temperature=cfg.teacher_temperature, **chunk_kw(cfg))))
 
     def loss(self, cfg, student_h_BTD, student_w_DV, teacher, batch):
         B, T, _ = student_h_BTD.shape

@@ -38,6 +38,7 @@ def check_routing(run: common.Run) -> None:
 
 def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """MOPD for optimizer.total_steps steps; saves OUT/model."""
+    common.check_untruncated(cfg)
     run = common.setup(cfg, resume=resume, quiet=quiet)
     m = cfg.mopd
     check_routing(run)
@@ -70,7 +71,9 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
         for d in rb.domain:
             loop.count(d)
         host = loop.sample_metrics()
-        if teacher.logp_BT is not None:  # the first step's KL stays in the loop's state
+        # every estimator's teacher returns the sampled tokens' log-probs (C and the GKD ones
+        # only for this log): the first step's KL stays in the loop's state
+        if teacher.logp_BT is not None:
             pool.log_initial_kl(_teacher_kl(pool, rb, teacher.logp_BT), loop.initial_kl)
             host.update({f"mopd/initial_kl/{t}": kl for t, kl in loop.initial_kl.items()})
         state, metrics = step(state, batch)
