@@ -1,16 +1,22 @@
 """Mixture-of-experts block: router (softmax top-k, or DeepSeek-V3 grouped sigmoid), dropless
-sort-based dispatch.
+sort-based dispatch per device.
 
 Routing decisions are visible to callers: ``models.forward_with_routing`` has each block sow
 its [B, T, k] expert ids (``nnx.Intermediate('expert_ids')``), and a call given
 ``expert_ids`` uses them instead of choosing (router replay), with the gate weights
 recomputed from the current router at those experts so the router still learns.
 
-Two paths compute the same function:
-  * ``ragged``: sort the N*k (token, expert) pairs by expert and run each expert's SwiGLU as
-    one grouped matmul with ``jax.lax.ragged_dot``; no capacity, no dropped tokens.
+``moe_impl`` picks how the experts run; all compute the same function:
+  * ``megablox`` / ``ragged`` / ``blocked``: each device sorts its own (token, expert) pairs by
+    expert, sends them to the devices of the mesh's expert axis that hold those experts, and
+    runs each expert's SwiGLU as grouped matmuls (``models.grouped_matmul``: the Pallas
+    megablox kernels on TPU, ``lax.ragged_dot`` on GPU, a blocked loop on CPU); no capacity,
+    no dropped tokens (``models.moe_dispatch``). Under a mesh (``current_sharding()``) that is
+    the body of a ``shard_map``: expert weights gathered over FSDP, split over 'expert' and
+    over F ('tensor', partial sums added up).
+  * ``auto`` (default): megablox on TPU, ragged on GPU, blocked on CPU.
   * ``dense``: every expert on every token, weighted by the (mostly zero) combine matrix; the
-    reference the ragged path is tested against.
+    reference the others are tested against.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import constrain, param
+from models.layers import current_sharding, param
+from models.moe_dispatch import dispatch
 
 
 class MoE(nnx.Module):
@@ -96,11 +103,13 @@ class MoE(nnx.Module):
         if self.record_routing:
             self.sow(nnx.Intermediate, "expert_ids", ids_Nk.reshape(B, T, -1))
         aux = self.aux_loss(probs_NE, ids_Nk, None if valid_BT is None else valid_BT.reshape(-1))
-        if self.cfg.moe_impl == "dense":
-            y_ND = self._dense(x_ND, weights_Nk, ids_Nk)
+        impl = resolve_impl(self.cfg.moe_impl)
+        if impl == "dense":
+            y_BTD = self._dense(x_ND, weights_Nk, ids_Nk).reshape(B, T, D)
         else:
-            y_ND = self._ragged(x_ND, weights_Nk, ids_Nk)
-        return y_ND.reshape(B, T, D), aux
+            y_BTD = self._dispatched(x_BTD, weights_Nk.reshape(B, T, -1),
+                                     ids_Nk.reshape(B, T, -1), impl)
+        return y_BTD, aux
 
     def _dense(self, x_ND, weights_Nk, ids_Nk):
         dt = x_ND.dtype
@@ -111,19 +120,86 @@ class MoE(nnx.Module):
         y_NED = jnp.einsum("nef,efd->ned", jax.nn.silu(g) * u, self.down_proj[...].astype(dt))
         return jnp.einsum("ned,ne->nd", y_NED, combine_NE.astype(dt))
 
-    def _ragged(self, x_ND, weights_Nk, ids_Nk):
-        dt = x_ND.dtype
-        N, k = ids_Nk.shape
+    def _dispatched(self, x_BTD, weights_BTk, ids_BTk, impl):
+        dt = x_BTD.dtype
         E = self.cfg.num_experts
-        flat_ids = ids_Nk.reshape(-1)                       # [N*k]
-        order = jnp.argsort(flat_ids, stable=True)          # pairs grouped by expert
-        token_of = order // k
-        x_sorted = constrain(x_ND[token_of], ("tokens", "embed"))
-        group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
-        g = jax.lax.ragged_dot(x_sorted, self.gate_proj[...].astype(dt), group_sizes)
-        u = jax.lax.ragged_dot(x_sorted, self.up_proj[...].astype(dt), group_sizes)
-        y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, self.down_proj[...].astype(dt),
-                                      group_sizes)
-        w_sorted = weights_Nk.reshape(-1)[order].astype(dt)
-        y_ND = jnp.zeros((N, x_ND.shape[1]), dt).at[token_of].add(y_sorted * w_sorted[:, None])
-        return y_ND
+        ws = tuple(p[...].astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        ctx = current_sharding()
+        if ctx is None or ctx.mesh is None or ctx.mesh.size == 1:
+            B, T, D = x_BTD.shape
+            y = dispatch(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, -1),
+                         ids_BTk.reshape(B * T, -1), *ws, impl=impl, num_experts=E)
+            return y.reshape(B, T, D)
+        return sharded_dispatch(ctx, x_BTD, weights_BTk, ids_BTk, ws, impl=impl, num_experts=E)
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> the backend's grouped matmul: the mesh's devices' platform, else JAX's."""
+    if impl != "auto":
+        return impl
+    ctx = current_sharding()
+    mesh = getattr(ctx, "mesh", None)
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return {"tpu": "megablox", "gpu": "ragged", "cuda": "ragged", "rocm": "ragged"}.get(
+        platform, "blocked")
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def sharded_dispatch(ctx, x_BTD, weights_BTk, ids_BTk, ws, *, impl: str, num_experts: int):
+    """``dispatch`` under ``shard_map`` on the active mesh.
+
+    Tokens keep their activation sharding; expert weights enter split over the expert and F
+    axes their rules give them and whole over the rest (the FSDP all-gather happens at the
+    boundary, its transpose reduce-scatters the weight gradient). Where the batch is not
+    already split over the expert axis, each expert shard takes 1/ep of its tokens and the
+    outputs are gathered back; partial sums over a sharded F are added with a ``psum``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    mesh = ctx.mesh
+    B, T, D = x_BTD.shape
+    w_gate, w_up, w_down = ws
+    tok = ctx.spec(("batch", "length", None), (B, T, D))
+    wspec = ctx.spec(("expert", "embed", "mlp"), w_gate.shape)
+    e_axes, f_axes = _axes(wspec[0]), _axes(wspec[2])
+    tok_axes = _axes(tok[0]) + _axes(tok[1])
+    ep = int(np_prod(mesh.shape[a] for a in e_axes))
+    split = ep > 1 and not set(e_axes) & set(tok_axes)
+    e_name = e_axes[0] if len(e_axes) == 1 else (e_axes or None)
+    f_name = f_axes[0] if len(f_axes) == 1 else (f_axes or None)
+    ragged_a2a = mesh.devices.flat[0].platform != "cpu"
+
+    def body(x, w, ids, wg, wu, wd):
+        b, t, _ = x.shape
+        x, w, ids = x.reshape(b * t, D), w.reshape(b * t, -1), ids.reshape(b * t, -1)
+        n = b * t
+        if split:  # every expert shard holds these tokens: each dispatches its share
+            share = -(-n // ep)
+            pad = share * ep - n
+            if pad:
+                x, w, ids = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, w, ids))
+            i = jax.lax.axis_index(e_name)
+            x, w, ids = (jax.lax.dynamic_slice_in_dim(a, i * share, share) for a in (x, w, ids))
+        y = dispatch(x, w, ids, wg, wu, wd, impl=impl, num_experts=num_experts,
+                     ep_axis=e_name, ep_size=ep, ragged_a2a=ragged_a2a)
+        if f_name is not None:
+            y = jax.lax.psum(y, f_name)
+        if split:
+            y = jax.lax.all_gather(y, e_name, tiled=True)[:n]
+        return y.reshape(b, t, D)
+
+    w_in = P(e_name, None, f_name)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in,
+                                                  P(e_name, f_name, None)), out_specs=tok,
+                       check_vma=False)
+    return fn(x_BTD, weights_BTk, ids_BTk, w_gate, w_up, w_down)
+
+
+def np_prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out

@@ -1,0 +1,216 @@
+"""Grouped matmul: ``y[rows of group g] = x[rows of group g] @ w[g]`` for rows sorted by group.
+
+``gmm(x_MK, w_GKN, group_sizes_G, impl)`` is what the MoE's expert matmuls call; rows past
+``sum(group_sizes)`` come out zero in every implementation. Three implementations:
+
+* ``megablox`` (TPU): the JAX-shipped Pallas kernel, a ``custom_vjp`` whose input gradient is
+  ``gmm`` again and whose weight gradient is ``tgmm``: two Mosaic custom calls, no dense work
+  over the experts. ``interpret=True`` runs it on CPU (tests only: slow).
+* ``ragged`` (GPU): ``lax.ragged_dot`` forward and input gradient; the weight gradient is the
+  blocked loop below, not ``ragged_dot``'s own transpose (a ragged-contracting dot that XLA
+  turns into dense work over every group on TPU, and that XLA:GPU pads for many shapes).
+* ``blocked`` (CPU): each group's rows in blocks of ``block_rows``, one ``[block, K] @ [K, N]``
+  matmul per block in a ``fori_loop`` that runs only the blocks there are (a block past its
+  group's end is masked; a block may start before the next group, so nothing is padded or
+  copied). Its ``custom_vjp`` runs the same loop for dx and accumulates dw per block. XLA:CPU
+  lowers ``ragged_dot`` to a masked dense product over all groups (≈ G× the FLOPs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("megablox", "ragged", "blocked")
+
+
+def gmm(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, impl: str, *,
+        block_rows: int | None = None) -> jax.Array:
+    """Grouped matmul of rows sorted by group (``impl`` in ``IMPLS``); out dtype = x's."""
+    gs = group_sizes_G.astype(jnp.int32)
+    if impl == "megablox":
+        return _megablox(x_MK, w_GKN, gs)
+    if impl == "ragged":
+        return _ragged(x_MK, w_GKN, gs, _block(block_rows, *x_MK.shape[:1], w_GKN.shape[0]))
+    if impl == "blocked":
+        return _blocked(x_MK, w_GKN, gs, _block(block_rows, x_MK.shape[0], w_GKN.shape[0]))
+    raise ValueError(f"grouped matmul: unknown impl {impl!r}; choose one of {list(IMPLS)}")
+
+
+def _block(block_rows: int | None, M: int, G: int) -> int:
+    """Rows per block: about the mean rows per group (padding per group < one block), a power
+    of two in [8, 256] (fewer, larger blocks run at a higher matmul rate on CPU)."""
+    if block_rows:
+        return block_rows
+    mean = max(M // max(G, 1), 1)
+    return int(min(256, max(8, 2 ** math.ceil(math.log2(mean)))))
+
+
+def _row_mask(y_MN, group_sizes_G):
+    rows = jnp.arange(y_MN.shape[0])[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes_G), y_MN, jnp.zeros((), y_MN.dtype))
+
+
+# ----------------------------------------------------------------------------- megablox
+def _megablox(x_MK, w_GKN, gs):
+    M, K = x_MK.shape
+    N = w_GKN.shape[2]
+    tm = min(128, _round_up(M, 8))
+    Mp = _round_up(M, tm)
+    xp = jnp.pad(x_MK, ((0, Mp - M), (0, 0))) if Mp != M else x_MK
+    tiling = (tm, min(512, K), min(512, N))
+    interpret = jax.default_backend() != "tpu" and not _tracing_for_tpu()
+    return _megablox_gmm(xp, w_GKN, gs, tiling, interpret)[:M]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox_gmm(x_MK, w_GKN, gs, tiling, interpret):
+    mb = _megablox_module()
+    # tiles past the last group are never written by the kernel: zero them
+    return _row_mask(mb.gmm(x_MK, w_GKN, gs, x_MK.dtype, tiling, interpret=interpret), gs)
+
+
+def _megablox_fwd(x_MK, w_GKN, gs, tiling, interpret):
+    return _megablox_gmm(x_MK, w_GKN, gs, tiling, interpret), (x_MK, w_GKN, gs)
+
+
+def _megablox_bwd(tiling, interpret, res, dy_MN):
+    mb = _megablox_module()
+    x_MK, w_GKN, gs = res
+    dx = mb.gmm(dy_MN, w_GKN, gs, x_MK.dtype, tiling, transpose_rhs=True, interpret=interpret)
+    dw = mb.tgmm(x_MK.swapaxes(0, 1), dy_MN, gs, w_GKN.dtype, tiling, None, w_GKN.shape[0],
+                 interpret=interpret)
+    return _row_mask(dx, gs), dw, None
+
+
+_megablox_gmm.defvjp(_megablox_fwd, _megablox_bwd)
+
+
+def _megablox_module():
+    """The kernel module (the package's ``gmm`` attribute is the custom_vjp function)."""
+    import importlib
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _tracing_for_tpu() -> bool:
+    """True when the active mesh is TPU devices (libtpu compile-only devices included)."""
+    from models.layers import current_sharding
+
+    ctx = current_sharding()
+    mesh = getattr(ctx, "mesh", None)
+    return mesh is not None and mesh.devices.flat[0].platform == "tpu"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------- blocked
+def _blocks(gs, M: int, bm: int):
+    """Per-block (group, first row, end of its group) for the blocks there are, and their
+    count; arrays sized for the most blocks ``M`` rows in ``G`` groups can need."""
+    G = gs.shape[0]
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    nblk = (gs + bm - 1) // bm
+    cum = jnp.cumsum(nblk)
+    nb_max = -(-M // bm) + min(G, M)
+    b = jnp.arange(nb_max)
+    g = jnp.minimum(jnp.searchsorted(cum, b, side="right"), G - 1).astype(jnp.int32)
+    row0 = starts[g] + (b - (cum[g] - nblk[g])) * bm
+    return g, row0.astype(jnp.int32), ends[g].astype(jnp.int32), cum[-1]
+
+
+def _loop_blocks(M: int, bm: int, gs, body, init):
+    """``fori_loop`` over the blocks there are; ``body(i, g, r0, rows_valid_b1, carry)`` gets
+    the (clamped) first row ``r0`` of a ``bm``-row window and which of its rows are its own."""
+    g_b, row0_b, end_b, count = _blocks(gs, M, bm)
+
+    def step(i, carry):
+        g, row0, end = g_b[i], row0_b[i], end_b[i]
+        r0 = jnp.minimum(row0, M - bm)  # a window past the end slides back, masked
+        rows = r0 + jnp.arange(bm)
+        return body(g, r0, ((rows >= row0) & (rows < end))[:, None], carry)
+
+    return jax.lax.fori_loop(0, count, step, init)
+
+
+def _pad_rows(x, bm):
+    return jnp.pad(x, ((0, bm - x.shape[0]), (0, 0))) if x.shape[0] < bm else x
+
+
+def _blocked_fwd_impl(x_MK, w_GKN, gs, bm, transpose_w=False):
+    M = x_MK.shape[0]
+    x = _pad_rows(x_MK, bm)
+    Mp = x.shape[0]
+    N = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+
+    def body(g, r0, valid, y):
+        xb = jax.lax.dynamic_slice_in_dim(x, r0, bm)
+        wg = jax.lax.dynamic_index_in_dim(w_GKN, g, keepdims=False)
+        yb = jax.lax.dot_general(xb, wg, dims, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(y, r0, bm)
+        return jax.lax.dynamic_update_slice_in_dim(
+            y, jnp.where(valid, yb.astype(y.dtype), old), r0, 0)
+
+    y = _loop_blocks(Mp, bm, gs, body, jnp.zeros((Mp, N), x_MK.dtype))
+    return y[:M]
+
+
+def _tgmm_blocked(x_MK, dy_MN, gs, G: int, bm: int, dtype):
+    """dw[g] = x[rows of g]^T @ dy[rows of g], per block, accumulated in float32."""
+    x, dy = _pad_rows(x_MK, bm), _pad_rows(dy_MN, bm)
+    Mp, K, N = x.shape[0], x.shape[1], dy.shape[1]
+
+    def body(g, r0, valid, dw):
+        xb = jax.lax.dynamic_slice_in_dim(x, r0, bm)
+        db = jnp.where(valid, jax.lax.dynamic_slice_in_dim(dy, r0, bm), 0)
+        part = jax.lax.dot_general(xb, db, (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        cur = jax.lax.dynamic_index_in_dim(dw, g, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(dw, cur + part[None], g, 0)
+
+    return _loop_blocks(Mp, bm, gs, body, jnp.zeros((G, K, N), jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked(x_MK, w_GKN, gs, bm):
+    return _blocked_fwd_impl(x_MK, w_GKN, gs, bm)
+
+
+def _blocked_fwd(x_MK, w_GKN, gs, bm):
+    return _blocked_fwd_impl(x_MK, w_GKN, gs, bm), (x_MK, w_GKN, gs)
+
+
+def _blocked_bwd(bm, res, dy_MN):
+    x_MK, w_GKN, gs = res
+    dx = _blocked_fwd_impl(dy_MN, w_GKN, gs, bm, transpose_w=True)
+    dw = _tgmm_blocked(x_MK, dy_MN, gs, w_GKN.shape[0], bm, w_GKN.dtype)
+    return dx.astype(x_MK.dtype), dw, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# ----------------------------------------------------------------------------- ragged
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ragged(x_MK, w_GKN, gs, bm):
+    return jax.lax.ragged_dot(x_MK, w_GKN, gs)
+
+
+def _ragged_fwd(x_MK, w_GKN, gs, bm):
+    return jax.lax.ragged_dot(x_MK, w_GKN, gs), (x_MK, w_GKN, gs)
+
+
+def _ragged_bwd(bm, res, dy_MN):
+    x_MK, w_GKN, gs = res
+    dx = jax.lax.ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), gs)
+    dw = _tgmm_blocked(x_MK, dy_MN, gs, w_GKN.shape[0], bm, w_GKN.dtype)
+    return _row_mask(dx, gs).astype(x_MK.dtype), dw, None
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)

@@ -1,0 +1,245 @@
+"""FLOPs that tell the truth: the analytic model count, and the matmul FLOPs of a compiled HLO
+module with every loop body counted once per trip.
+
+Model FLOPs (PaLM appendix B, MaxText's conventions): ``2 * active matmul params`` per token
+forward (the lm_head counts, the embedding lookup does not; an MoE layer counts its router and
+its k active experts), ``4 * H * (Hd + Vd)`` per visible (query, key) pair, and a train step
+is 3× the forward. Causal attention counts the pairs a query can see: T(T+1)/2 per row, about
+half of full attention (MaxText's ``causal = full / 2``), a sliding window min(i+1, W) per
+query.
+
+``hlo_flops(text)`` reads ``compiled.as_text()``: ``dot`` and ``convolution`` FLOPs from their
+shapes, Pallas/Mosaic custom calls (megablox ``gmm``/``tgmm``, splash attention) from the cost
+estimate the kernel hands XLA, each computation multiplied by how often it runs: a ``while``
+body by its known trip count (XLA's ``cost_analysis()`` counts a loop body once, so a layer
+``scan`` or a microbatch loop is undercounted by its trip count there), a fusion, call or
+branch once. Elementwise work is not counted: the figure is comparable with the model count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from models.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- analytic
+def active_matmul_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies through: attention and MLP projections of every layer
+    (router plus k experts in MoE layers) and the lm_head; no embedding lookup, no norms."""
+    D, H, Hd, Vd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.value_dim
+    total = D * cfg.vocab_size
+    for i in range(cfg.num_layers):
+        K = cfg.kv_heads(i)  # per layer: MiMo's sliding layers have their own KV heads
+        total += D * (H + K) * Hd + D * K * Vd + H * Vd * D
+        if cfg.is_moe_layer(i):
+            k, F = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+            total += D * cfg.num_experts + 3 * k * D * F
+        else:
+            total += 3 * D * cfg.intermediate_size
+    return total
+
+
+def visible_pairs(T: int, window: int | None = None) -> int:
+    """(query, key) pairs a causal row of T positions attends: T(T+1)/2, or with a sliding
+    window W the sum over queries of min(i + 1, W)."""
+    if window is None or window >= T:
+        return T * (T + 1) // 2
+    return window * (window + 1) // 2 + (T - window) * window
+
+
+def _attn_per_pair(cfg: ModelConfig) -> int:
+    return 4 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # QK^T and PV, 2 FLOPs a MAC
+
+
+def _window(cfg: ModelConfig, i: int):
+    return cfg.sliding_window if cfg.layer_type(i) == "sliding" else None
+
+
+def forward_flops(cfg: ModelConfig, B: int, T: int) -> float:
+    """Forward FLOPs of B causal rows of T positions (prefill, teacher scoring)."""
+    attn = sum(_attn_per_pair(cfg) * visible_pairs(T, _window(cfg, i))
+               for i in range(cfg.num_layers))
+    return float(B * (2 * active_matmul_params(cfg) * T + attn))
+
+
+def train_flops(cfg: ModelConfig, B: int, T: int) -> float:
+    """Forward + backward FLOPs of one training step on B causal rows of T positions."""
+    return 3 * forward_flops(cfg, B, T)
+
+
+def decode_flops(cfg: ModelConfig, tokens: int, context: int) -> float:
+    """Forward FLOPs of ``tokens`` single-position rows each attending ``context`` keys."""
+    attn = sum(_attn_per_pair(cfg) // 2 * (context if _window(cfg, i) is None
+                                           else min(context, _window(cfg, i)))
+               for i in range(cfg.num_layers))
+    return float(tokens * (2 * active_matmul_params(cfg) + attn))
+
+
+# ----------------------------------------------------------------------------- HLO
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"^[a-z]+\d*\[([\d,]*)\]")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)"
+                     r"=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_OPNAME = re.compile(r"\s*([\w\-]+)\((.*)$")
+
+
+def _shape_and_op(rhs: str):
+    """(shape text, opcode, text after the opening parenthesis) of an instruction's rhs."""
+    if rhs.startswith("("):  # tuple shape: up to its matching parenthesis
+        depth, i = 0, 0
+        for i, ch in enumerate(rhs):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        shape, rest = rhs[:i + 1], rhs[i + 1:]
+    else:
+        shape, _, rest = rhs.partition(" ")
+    m = _OPNAME.match(rest)
+    return (shape, m.group(1), m.group(2)) if m else None
+
+
+def _dims(shape: str) -> list[int] | None:
+    m = _ARRAY.match(shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else None
+
+
+def _split_operands(rest: str) -> tuple[list[str], str]:
+    """Operand names of ``op(...)`` and the attribute text after the closing parenthesis."""
+    depth, i = 1, 0
+    while i < len(rest) and depth:
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        i += 1
+    inner, attrs = rest[:i - 1], rest[i:]
+    names = re.findall(r"%([\w.\-]+)", inner)
+    return names, attrs
+
+
+def _parse(text: str) -> tuple[dict, str | None]:
+    """{computation: [(name, shape, opcode, operands, attrs)]} and the entry's name."""
+    comps: dict[str, list] = {}
+    entry, cur = None, None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m:
+            cur = comps.setdefault(m.group(2), [])
+            if m.group(1):
+                entry = m.group(2)
+            continue
+        if cur is None:
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        mi = _INSTR.match(line)
+        if not mi:
+            continue
+        parsed = _shape_and_op(mi.group(2))
+        if not parsed:
+            continue
+        shape, op, rest = parsed
+        operands, attrs = _split_operands(rest)
+        cur.append((mi.group(1), shape, op, operands, attrs))
+    return comps, entry
+
+
+def _dot_flops(out, lhs, attrs) -> float:
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+    contract = [int(d) for d in m.group(1).split(",") if d] if m else []
+    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
+
+
+def _conv_flops(out, rhs, attrs) -> float:
+    """2 * output elements * (kernel elements / kernel output features): a MAC per kernel
+    tap and input feature of a group (padding positions counted, as for a dot)."""
+    m = re.search(r"dim_labels=\w+_(\w+)->", attrs)
+    o = m.group(1).index("o") if m and "o" in m.group(1) else len(rhs) - 1
+    return 2.0 * math.prod(out) * math.prod(rhs) / max(rhs[o], 1)
+
+
+def _custom_call_flops(attrs) -> float:
+    m = re.search(r'"flops"\s*:\s*"?(\d+)', attrs) or re.search(r"\\\"flops\\\"\s*:\s*(\d+)",
+                                                                  attrs)
+    return float(m.group(1)) if m else 0.0
+
+
+def hlo_flops(text: str) -> dict:
+    """Matmul FLOPs of a compiled module with loops counted per trip (see module doc).
+
+    Returns {'flops', 'dot', 'conv', 'custom_call', 'loops': [(body, trips)], 'unknown_trips':
+    loops whose trip count XLA did not annotate (counted once)}.
+    """
+    comps, entry = _parse(text)
+    kinds = {"dot": 0.0, "conv": 0.0, "custom_call": 0.0}
+    loops, unknown = [], []
+    memo: dict[str, dict] = {}
+
+    def visit(name: str) -> dict:
+        if name in memo:
+            return memo[name]
+        memo[name] = {k: 0.0 for k in kinds}  # recursion guard
+        shapes, tot = {}, {k: 0.0 for k in kinds}
+        for iname, shape, op, operands, attrs in comps.get(name, []):
+            shapes[iname] = _dims(shape)
+            out = shapes[iname]
+            ins = [shapes.get(o) for o in operands]
+            if op == "dot" and out is not None and ins and ins[0] is not None:
+                tot["dot"] += _dot_flops(out, ins[0], attrs)
+            elif op == "convolution" and out is not None and len(ins) > 1 and ins[1]:
+                tot["conv"] += _conv_flops(out, ins[1], attrs)
+            elif op == "custom-call":
+                tot["custom_call"] += _custom_call_flops(attrs)
+            callees = [(c, role) for role, c in _CALLEE.findall(attrs)]
+            mb = _BRANCHES.search(attrs)
+            if mb:
+                branches = [visit(b.strip().lstrip("%")) for b in mb.group(1).split(",")]
+                best = max(branches, key=lambda d: sum(d.values()), default=None)
+                for k in kinds:
+                    tot[k] += best[k] if best else 0.0
+            trips = 1
+            if op == "while":
+                mt = _TRIPS.search(attrs)
+                trips = int(mt.group(1)) if mt else 1
+                body = next((c for c, r in callees if r == "body"), iname)
+                (loops if mt else unknown).append((body, trips))
+            for c, role in callees:
+                if role == "condition":
+                    continue
+                if role in ("true_computation", "false_computation"):
+                    continue  # counted below as the larger branch
+                sub = visit(c)
+                for k in kinds:
+                    tot[k] += trips * sub[k]
+            tf = [c for c, r in callees if r in ("true_computation", "false_computation")]
+            if tf:
+                best = max((visit(c) for c in tf), key=lambda d: sum(d.values()))
+                for k in kinds:
+                    tot[k] += best[k]
+        memo[name] = tot
+        return tot
+
+    tot = visit(entry) if entry else {k: 0.0 for k in kinds}
+    return {"flops": sum(tot.values()), **tot, "loops": loops, "unknown_trips": unknown}
+
+
+def cost_analysis_flops(compiled) -> float:
+    """XLA's own ``cost_analysis()['flops']`` (loop bodies once; elementwise ops included)."""
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0))
+
+
+def summary(compiled, model_flops: float, devices: int = 1) -> dict:
+    """Per-device HLO matmul FLOPs, XLA's raw count, and the HLO/model ratio for a step."""
+    h = hlo_flops(compiled.as_text())
+    return {"hlo_flops": h["flops"], "hlo_flops_by_kind": {k: h[k] for k in
+                                                           ("dot", "conv", "custom_call")},
+            "loop_trips": [t for _, t in h["loops"]], "unknown_trip_loops": len(h["unknown_trips"]),
+            "cost_analysis_flops": cost_analysis_flops(compiled),
+            "model_flops": model_flops,
+            "hlo_over_model": h["flops"] * devices / model_flops if model_flops else float("nan")}
