@@ -1,5 +1,11 @@
-"""``mopd <verb>``: the one command-line entry point. Each verb parses flags and calls the
-library; user errors print one line naming the flag or file and exit with status 2."""
+"""mopd: multi-teacher on-policy distillation in JAX, one command per step of the workflow.
+
+Every verb has --help with an example. A mistake you can fix (a flag, a config field, a data
+file, an output that exists) prints one line naming it and the fix, and exits with status 2.
+--json means the same everywhere: machine-readable output, one JSON object on stdout instead
+of the table (--json FILE, where a verb takes one, writes it to a new FILE instead). SIGTERM or
+Ctrl-C stop a training run at the next step with a checkpoint (exit 143 / 130).
+"""
 
 from __future__ import annotations
 
@@ -24,11 +30,15 @@ def _user_errors():
             FileNotFoundError, UsageError, *user_errors())
 
 
+PRESET_HELP = ("a named architecture with random weights, for smoke tests and benchmarks "
+               "(tiny, tiny-moe, demo-moe, qwen3-0.6b, qwen3-30b-a3b, ...)")
+
+
 def _add_model_source(p, required=True):
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--hf", metavar="DIR", help="local Hugging Face model directory")
     g.add_argument("--checkpoint", metavar="DIR", help="mopd (Orbax) model checkpoint")
-    g.add_argument("--preset", help=argparse.SUPPRESS)  # random init, for tests and benches
+    g.add_argument("--preset", metavar="NAME", help=PRESET_HELP)
 
 
 def parse_tokens(text: str, vocab_size: int, flag: str = "--tokens") -> list[int]:
@@ -54,9 +64,17 @@ def _score(args):
 
     loaded = load_model(hf=args.hf, checkpoint=args.checkpoint, preset=args.preset,
                         role="teacher")
-    ids = parse_tokens(args.tokens, loaded.cfg.vocab_size)
+    flag = "--tokens"
+    if args.text is not None:
+        flag = "--text"
+        if loaded.tokenizer is None:
+            raise UsageError("--text: this model has no tokenizer (tokenizer.json or "
+                             "char_tokenizer.json beside it); pass --tokens 1,2,3")
+        ids = list(loaded.tokenizer.encode(args.text))
+    else:
+        ids = parse_tokens(args.tokens, loaded.cfg.vocab_size)
     if len(ids) < 2:
-        raise UsageError("--tokens: need at least two tokens to score x_t given x_<t")
+        raise UsageError(f"{flag}: need at least two tokens to score x_t given x_<t")
     lp = token_logprobs_step(loaded.graphdef, loaded.params, jnp.asarray([ids], jnp.int32))
     lp = [float(x) for x in lp[0]]
     if args.json:
@@ -77,12 +95,12 @@ def _convert(args):
     from mopd_jax.checkpoint import save_model
     from mopd_jax.loading import load_model
 
+    from mopd_jax.outputs import atomic_dir, check_new_dir
+
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise UsageError(f"SRC {src}: not a directory")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UsageError(f"DST {dst}: exists and is not empty; remove it or choose another "
-                         "path (convert never overwrites a checkpoint)")
+    check_new_dir(dst, "DST", inputs=[src])
     if (src / "model.json").is_file():
         loaded = load_model(checkpoint=str(src))
     elif (src / "config.json").is_file():
@@ -90,14 +108,15 @@ def _convert(args):
     else:
         raise UsageError(f"SRC {src}: neither a mopd checkpoint (model.json) nor a Hugging Face "
                          "directory (config.json)")
-    if args.to == "hf":
-        save_hf(loaded.params, loaded.cfg, dst)
-    else:
-        save_model(dst, loaded.params, loaded.cfg)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "char_tokenizer.json", "generation_config.json"):
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
+    with atomic_dir(dst) as tmp:  # whole or absent: written beside DST, renamed into place
+        if args.to == "hf":
+            save_hf(loaded.params, loaded.cfg, tmp)
+        else:
+            save_model(tmp, loaded.params, loaded.cfg)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "char_tokenizer.json", "generation_config.json"):
+            if (src / name).is_file():
+                (tmp / name).write_bytes((src / name).read_bytes())
     print(f"wrote {args.to} checkpoint of {loaded.cfg.name} "
           f"({loaded.cfg.num_params() / 1e6:.2f}M params) to {dst}")
 
@@ -139,15 +158,22 @@ def skip_absent_tpu(environ=os.environ) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
+    from mopd_jax import __version__
+    from mopd_jax.cli_support import finish_help
+
+    parser = argparse.ArgumentParser(prog="mopd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mopd-jax {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = sub.add_parser("score", help="per-token log-probs log p(x_t | x_<t) of a sequence",
                        description="Print log p(x_t | x_<t) for t >= 1 under a model.")
     _add_model_source(p)
-    p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    seq = p.add_mutually_exclusive_group(required=True)
+    seq.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    seq.add_argument("--text", help="text, encoded with the model's own tokenizer")
     p.add_argument("--json", action="store_true",
-                   help='print {"tokens": [...], "logprobs": [null, ...]}')
+                   help='print {"tokens": [...], "logprobs": [null, ...]} instead of the table')
     p.set_defaults(run=_score)
 
     p = sub.add_parser("convert", help="convert between Hugging Face and Orbax checkpoints",
@@ -179,22 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
             pass
     from mopd_jax import compile_check
     compile_check.add_parser(sub)
+    finish_help(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mopd_jax.cli_support import run_verb
+
     skip_absent_tpu()
     parser = build_parser()
     args = parser.parse_args(argv)
-    errors = _user_errors()
-    try:
-        args.run(args)
-    except errors as e:
-        print(f"mopd {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_verb(args, _user_errors())
 
 
 if __name__ == "__main__":

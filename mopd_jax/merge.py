@@ -82,24 +82,37 @@ def merge_params(base, models: Sequence, method: str = "task_arithmetic", *, lam
 
 def merge_checkpoints(base: str, models: Sequence[str], out: str | Path, method: str, *,
                       lam: float = 0.5, density: float = 0.2) -> Path:
-    """Merge model checkpoints (mopd dirs or hf:DIR) and save the result as a mopd checkpoint."""
+    """Merge model checkpoints (mopd dirs or hf:DIR) and save the result as a mopd checkpoint.
+
+    ``out`` is checked before anything is loaded: it may not be the base, one of the models,
+    an existing model or a non-empty directory. The merge is written to a hidden sibling and
+    renamed into place, so the base and models are never touched.
+    """
     import json
     import shutil
 
     from mopd_jax.checkpoint import save_model
     from mopd_jax.loading import load_model
-
-    def load(src):
-        kw = {"hf": src[3:]} if src.startswith("hf:") else {"checkpoint": src}
-        path = Path(kw.get("hf") or kw["checkpoint"])
-        if not path.is_dir():
-            raise FileNotFoundError(f"merge: model {src!r} not found (expected a mopd model "
-                                    "directory or hf:DIR)")
-        return load_model(**kw, mesh=mesh, role="train"), path
-
     from mopd_jax import sharding as shd
+    from mopd_jax.outputs import atomic_dir, check_new_dir
+
+    def path_of(src, flag):
+        path = Path(src[3:] if src.startswith("hf:") else src)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{flag} {src}: not found (expected a mopd model "
+                                    "directory or hf:DIR)")
+        return path
+
+    def load(src, flag):
+        kw = {"hf": src[3:]} if src.startswith("hf:") else {"checkpoint": src}
+        return load_model(**kw, mesh=mesh, role="train"), path_of(src, flag)
+
+    path_of(base, "--base")
+    for m in models:
+        path_of(m, "--models")
+    out = check_new_dir(out, "--out", inputs=[base, *models])
     mesh = shd.make_mesh()
-    (b, bpath), loaded = load(base), [load(m) for m in models]
+    (b, bpath), loaded = load(base, "--base"), [load(m, "--models") for m in models]
     for (m, path) in loaded:
         # Same architecture, family included; names and dtypes may differ.
         diff = [f.name for f in dataclasses.fields(b.cfg)
@@ -111,12 +124,19 @@ def merge_checkpoints(base: str, models: Sequence[str], out: str | Path, method:
                              f"({what}); merge only models fine-tuned from the base")
     merged = merge_params(b.params, [m.params for m, _ in loaded], method, lam=lam,
                           density=density)
-    out = Path(out)
-    save_model(out, merged, b.cfg)
-    if jax.process_index() == 0:
-        for f in list(bpath.glob("tokenizer*")) + list(bpath.glob("char_tokenizer.json")):
-            shutil.copy(f, out / f.name)
-        (out / "merge.json").write_text(json.dumps(
-            {"method": method, "lam": lam, "density": density, "base": str(base),
-             "models": [str(m) for m in models]}, indent=1))
-    return out
+    primary = jax.process_index() == 0
+    with atomic_dir(out, primary=primary, barrier=_barrier) as tmp:
+        save_model(tmp, merged, b.cfg)
+        if primary:
+            for f in list(bpath.glob("tokenizer*")) + list(bpath.glob("char_tokenizer.json")):
+                shutil.copy(f, tmp / f.name)
+            (tmp / "merge.json").write_text(json.dumps(
+                {"method": method, "lam": lam, "density": density, "base": str(base),
+                 "models": [str(m) for m in models]}, indent=1))
+    return out.absolute()
+
+
+def _barrier() -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("mopd_merge_out")

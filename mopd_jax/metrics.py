@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per step, ``{"step": S, "mopd/kl/math": 0.12, ...}``,
 each line flushed and fsynced; non-finite values are written as ``null``. TensorBoard event
-files go to ``run_dir/tb/`` (tensorboardX, imported only when used).
+files go to ``run_dir/tb/`` when the optional ``tensorboard`` extra (tensorboardX) is
+installed (``tensorboard=None``, the default, means: when available).
 
 A run resumed from the checkpoint at step S opens ``MetricsWriter(run_dir, resume_step=S)``:
 lines after S are dropped first (and TensorBoard is told to purge them), so a killed and
@@ -76,13 +77,20 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def tensorboard_available() -> bool:
+    """Whether tensorboardX (``pip install 'mopd-jax[tensorboard]'``) is importable."""
+    import importlib.util
+    return importlib.util.find_spec("tensorboardX") is not None
+
+
 class MetricsWriter:
     """Appends per-step scalars to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tb``).
 
     ``resume_step``: drop records with step > resume_step before appending (atomic rewrite).
+    ``tensorboard``: True (required), False (off) or None (when tensorboardX is installed).
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True,
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool | None = None,
                  resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +102,8 @@ class MetricsWriter:
             self._rewrite(records)  # also drops a partial last line
         self._file = open(self.path, "a")
         self._tb = None
+        if tensorboard is None:  # auto: TensorBoard files when the optional extra is installed
+            tensorboard = tensorboard_available()
         if tensorboard:
             try:
                 SummaryWriter = _summary_writer_class()

@@ -294,6 +294,14 @@ class RunCheckpointer:
         mngr.reload()
 
 
+_LAST_SIGNAL = [signal.SIGINT]
+
+
+def last_signal() -> int:
+    """The signal that last stopped a run (SIGINT when none did): the CLI exits 128 + it."""
+    return int(_LAST_SIGNAL[0])
+
+
 class GracefulStop:
     """SIGTERM/SIGINT set ``requested`` instead of killing the run; handlers restored on exit.
 
@@ -328,6 +336,7 @@ class GracefulStop:
                           else previous)
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
+        _LAST_SIGNAL[0] = signum
         hint = "; press Ctrl-C again to abort now" if signal.SIGINT in self.signals else ""
         # os.write, not print: a handler may interrupt a print to the same stream.
         os.write(2, (f"received {signal.Signals(signum).name}: stopping after this step "

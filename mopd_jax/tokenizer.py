@@ -25,6 +25,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         d = Path(directory)
+        self.directory = d  # exported models carry its files
         self._tok = _Tok.from_file(str(d / "tokenizer.json"))
         conf = {}
         if (d / "tokenizer_config.json").is_file():
@@ -37,6 +38,8 @@ class HFTokenizer:
         self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         pad = _token_str(conf.get("pad_token"))
         self.pad_id = (self._tok.token_to_id(pad) if pad else None) or (self.eos_id or 0)
+        unk = _token_str(conf.get("unk_token")) or getattr(self._tok.model, "unk_token", None)
+        self.unk_id = self._tok.token_to_id(unk) if unk else None  # byte-level BPE: none
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -77,7 +80,7 @@ class CharTokenizer:
         self.vocab_size = vocab_size or len(alphabet) + 3
         if self.vocab_size < len(alphabet) + 3:
             raise ValueError(f"vocab_size {self.vocab_size} < alphabet size + 3 specials")
-        self.eos_id, self.pad_id = self.EOS, self.PAD
+        self.eos_id, self.pad_id, self.unk_id = self.EOS, self.PAD, self.UNK
 
     def encode(self, text: str) -> list[int]:
         return [self._ids.get(c, self.UNK) for c in text]

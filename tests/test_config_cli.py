@@ -94,7 +94,7 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     ]
     ck = tmp_path / "ck"
     assert main(["convert", str(path), str(ck), "--to", "orbax"]) == 0
-    cases.append((["convert", str(path), str(ck), "--to", "orbax"], "exists and is not empty"))
+    cases.append((["convert", str(path), str(ck), "--to", "orbax"], "already holds a model"))
     shutil.rmtree(ck / "params")
     (ck / "params").mkdir()  # a checkpoint whose weights were lost
     cases.append((["score", "--checkpoint", str(ck), "--tokens", "1,2"], "cannot restore"))

@@ -155,7 +155,8 @@ def test_two_processes_match_one_process_with_resume(tmp_path, started):
     cut_errs = _wait(cut)
     ref_errs = _wait(ref)
     errs = _wait(_launch(started, tmp_path, "2x4-resume", 2,
-                         str(_config(tmp_path, two, ckpts, 3)), "--resume"))
+                         str(_config(tmp_path, two, ckpts, 3)), "--resume",
+                         "--allow-config-change"))
     # One run over all 8 devices (not two independent 4-device runs); process 0 prints.
     assert "(8 devices, 2 processes)" in cut_errs[0], cut_errs[0][-2000:]
     assert "(8 devices, 1 process)" in ref_errs[0], ref_errs[0][-2000:]

@@ -35,15 +35,23 @@ class DataError(ValueError):
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Read and validate every record of a ``.jsonl``, ``.parquet`` or ``.array_record`` file."""
+    return [r for _, r in read_located(path)]
+
+
+def read_located(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """``read_records`` with where each record is: ``file:line`` or ``file: record i``."""
     path = Path(path)
     ext = _format(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a data file (.jsonl, .parquet, "
+                        ".array_record)")
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path")
     if ext in JSONL:
         return _read_jsonl(path)
     if ext in PARQUET:
-        return _read_parquet(path)
-    return _read_array_record(path)
+        return [(f"{path}: record {i}", r) for i, r in enumerate(_read_parquet(path))]
+    return [(f"{path}: record {i}", r) for i, r in enumerate(_read_array_record(path))]
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
@@ -107,19 +115,25 @@ def _format(path: Path) -> str:
     return ext
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f "
+                                "latin1 -t utf-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); each line "
                                 "must be one complete JSON object") from None
-            records.append(validate_record(record, where))
+            records.append((where, validate_record(record, where)))
     return records
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 from mopd_jax.merge import METHODS as MERGE_METHODS
@@ -17,8 +19,10 @@ def user_errors() -> tuple:
     from mopd_jax.run_checkpoint import RunCheckpointError
     from mopd_jax.teachers import TeacherError
     from mopd_jax.merge import MergeError
+    from mopd_jax.run_dir import RunDirError
+    from mopd_jax.validate import ValidationError
     return (DataError, RewardError, RunError, StoreError, RunCheckpointError, TeacherError,
-            MergeError)
+            MergeError, RunDirError, ValidationError)
 
 
 def enable_compilation_cache() -> None:
@@ -31,33 +35,101 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def log_every_sets(value: str | None) -> list[str]:
+    """``--log-every 10`` (steps) or ``--log-every 30s`` (seconds) as --set overrides."""
+    from mopd_jax.errors import UsageError
+    if value is None:
+        return []
+    v = value.strip().lower()
+    try:
+        if v.endswith("s"):
+            secs = float(v[:-1])
+            if secs > 0:
+                return [f"run.log_every_s={secs}"]
+        elif int(v) >= 1:
+            return [f"run.log_every={int(v)}"]
+    except ValueError:
+        pass
+    raise UsageError(f"--log-every {value!r}: give steps (e.g. 10) or seconds (e.g. 30s)")
+
+
 def _train(args):
-    from mopd_jax.config import load_config
+    from mopd_jax import validate
+    from mopd_jax.config import load_config, raw_config
+    from mopd_jax.run_dir import AlreadyFinished, allowing_config_change
     from mopd_jax.sharding import initialize_distributed
+    t0 = time.perf_counter()
+    sets = list(args.set) + log_every_sets(args.log_every)
+    cfg = load_config(args.config, sets)
+    model_keys = raw_config(args.config, sets).get("model") or {}
+    validate.check_init_overrides(cfg, model_keys if isinstance(model_keys, dict) else {})
+    if cfg.optimizer.warmup_steps > cfg.optimizer.total_steps:
+        from mopd_jax.config import ConfigError
+        raise ConfigError(validate.schedule_message(cfg))
     initialize_distributed()  # multi-process launch: before anything touches a device
     enable_compilation_cache()
-    cfg = load_config(args.config, args.set)
-    result = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)  # run.recipe checked on load
+    try:
+        with allowing_config_change(args.allow_config_change):
+            result = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)  # checked on load
+    except AlreadyFinished as e:
+        print(f"mopd train: {e}", file=sys.stderr)
+        print_summary(e.out, time.perf_counter() - t0, None)
+        return
     if result.stopped:
         raise KeyboardInterrupt
+    print_summary(result.out, time.perf_counter() - t0, result.elapsed)
     print(f"done: {result.out}")
+
+
+def eval_table(scores: dict[str, float], title: str = "eval") -> str:
+    if not scores:
+        return f"{title}: no held-out scores (no evaluation set)"
+    w = max(6, *(len(d) for d in scores))
+    lines = [f"{title} (greedy mean reward on the held-out set):", f"  {'domain':<{w}}  score"]
+    lines += [f"  {d:<{w}}  {s:.4f}" for d, s in scores.items()]
+    if len(scores) > 1:
+        lines.append(f"  {'mean':<{w}}  {sum(scores.values()) / len(scores):.4f}")
+    return "\n".join(lines)
+
+
+def print_summary(out: Path, wall_s: float, train_s: float | None) -> None:
+    """What every run ends with: its eval table, the wall time and where the model is."""
+    from mopd_jax.progress import fmt_duration
+    path = Path(out) / "eval.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    print(eval_table(scores))
+    extra = f" (training loop {fmt_duration(train_s)})" if train_s is not None else ""
+    print(f"wall time {fmt_duration(wall_s)}{extra}")
+    model = Path(out) / "model"
+    print(f"model: {model}" if (model / "model.json").is_file() else "model: none exported")
 
 
 def _eval(args):
     from mopd_jax.config import load_config
     from mopd_jax.loading import load_model
+    from mopd_jax.outputs import check_new_file, write_new_file
     from mopd_jax.recipes import common
+    src = args.hf or args.checkpoint
+    json_file = None if args.json in (None, "-") else args.json
+    if json_file:
+        check_new_file(json_file, "--json", inputs=[args.config, src])
     enable_compilation_cache()
     cfg = load_config(args.config, args.set)
     run = common.setup(cfg, resume=True, quiet=True)
+    if not run.eval_records:
+        raise common.RunError(f"{args.config}: no evaluation set (data.eval_files is empty and "
+                              "no built-in domain is used); add data.eval_files")
     kw = {"hf": args.hf} if args.hf else {"checkpoint": args.checkpoint}
     loaded = load_model(mesh=run.mesh, role="sample", **kw)
     run = run.with_model(loaded.graphdef, loaded.params, loaded.cfg)
     scores = common.evaluate(run, loaded.params)
-    for d, s in scores.items():
-        print(f"{d:12s} {s:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(scores, indent=1))
+    text = json.dumps(scores, indent=1)
+    if args.json == "-":
+        print(text)
+    else:
+        print(eval_table(scores))
+    if json_file:
+        write_new_file(json_file, text + "\n")
 
 
 def _inspect(args):
@@ -106,7 +178,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="K=V",
                    help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last good checkpoint in run.out_dir")
+                   help="continue from the last good checkpoint in run.out_dir (a finished "
+                        "run is left as it is; without a checkpoint it starts from step 0)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed fields that alter the run (e.g. "
+                        "optimizer.total_steps); recorded in OUT/config_changes.jsonl")
+    p.add_argument("--log-every", metavar="N|Ns",
+                   help="off a terminal, a progress line every N steps or N seconds (30s); "
+                        "default: about 20 lines a run, at least one a minute")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="held-out per-domain scores of a model",
@@ -117,7 +196,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--set", action="append", default=[], metavar="K=V",
                    help="override a config field (repeatable)")
-    p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    p.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                   help="--json: print the scores as one JSON object instead of the table; "
+                        "--json FILE: also write them to FILE (a new file)")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("inspect", help="samples and per-domain statistics of a run",
@@ -173,5 +254,7 @@ def add_parsers(sub) -> None:
                    help="task-vector scale for task_arithmetic and ties (default 0.5)")
     p.add_argument("--density", type=float, default=0.2,
                    help="TIES: fraction of each task vector kept (default 0.2)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new output model directory (never the base, a model or an existing "
+                        "model directory)")
     p.set_defaults(run=_merge)

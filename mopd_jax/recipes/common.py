@@ -32,8 +32,10 @@ from mopd_jax.config import Config, ConfigError
 from mopd_jax.data import domains as builtin
 from mopd_jax.data.pipeline import PromptPipeline, encode_prompt
 from mopd_jax.data.rewards import configure as configure_rewards, score_batch
-from mopd_jax.data.sources import DataError, read_records
-from mopd_jax.metrics import MetricsWriter, NullWriter, Progress, format_config
+from mopd_jax.data import run_records
+from mopd_jax.metrics import MetricsWriter, NullWriter, format_config
+from mopd_jax import run_dir, validate
+from mopd_jax.progress import RunProgress, lr_at as schedule_lr_at
 from mopd_jax.sampling import Engine, SamplingParams, rollout
 from mopd_jax.steps import init_train_state, make_optimizer, make_train_step
 from mopd_jax.tokenizer import CharTokenizer, Tokenizer
@@ -59,6 +61,7 @@ class Run:
     model_cfg: ModelConfig | None = None
     init_params: nnx.State | None = None  # pi_0 as loaded (frozen: 'self' teacher, KL ref)
     engine: Engine | None = None  # the student's rollout engine (shapes of pi_0)
+    config_changes: tuple = ()  # trajectory fields a resume changed (--allow-config-change)
 
     def domain_ids(self, names) -> np.ndarray:
         return np.asarray([self.domains.index(d) for d in names], np.int32)
@@ -78,6 +81,7 @@ class Loop:
     samples: dict[str, float] = dataclasses.field(default_factory=dict)  # rollouts per domain
     initial_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # teacher -> KL
     stopped: bool = False  # ended early on SIGTERM/SIGINT
+    finished_before: bool = False  # resumed at its end: nothing was run
     elapsed: float = 0.0  # seconds in train_loop
 
     def count(self, domain: str, n: float = 1) -> None:
@@ -100,20 +104,9 @@ class Result:
 
 # ----------------------------------------------------------------------------- setup
 def prepare_out_dir(cfg: Config, resume: bool) -> Path:
-    """Create run.out_dir (or fail clearly) and refuse to clobber a run unless resuming."""
-    out = Path(cfg.run.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_probe{jax.process_index()}"  # processes may share out_dir
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"run.out_dir: cannot write to {out} ({e.strerror}); choose a writable "
-                       "directory with --set run.out_dir=DIR") from None
-    if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise RunError(f"run.out_dir: {out} already holds a run; pass --resume to continue it "
-                       "or choose another directory with --set run.out_dir=DIR")
-    return out
+    """run.out_dir can hold this run (or fail clearly); writes nothing (``run_dir.start`` does,
+    when the loop starts), and refuses to clobber a run unless resuming."""
+    return run_dir.check_out_dir(cfg, resume)
 
 
 def load_tokenizer(cfg: Config):
@@ -129,35 +122,9 @@ def load_tokenizer(cfg: Config):
 
 def load_records(cfg: Config) -> tuple[dict, dict]:
     """(train, eval) records by domain from the built-in domains and the data files."""
-    d = cfg.data
-    train: dict[str, list[dict]] = {}
-    evals: dict[str, list[dict]] = {}
-    for name in d.builtin:
-        if name not in builtin.BUILTIN:
-            raise ConfigError(f"data.builtin: unknown built-in domain {name!r}; choose from "
-                              f"{list(builtin.BUILTIN)}")
-        train[name] = builtin.generate(name, d.builtin_size, seed=cfg.run.seed)
-        evals[name] = builtin.generate(name, d.eval_size, seed=0, split="eval")
-    for path in d.files:
-        for r in read_records(path):
-            train.setdefault(r["domain"], []).append(r)
-    for path in d.eval_files:
-        for r in read_records(path):
-            evals.setdefault(r["domain"], []).append(r)
-    evals = {k: v[:d.eval_size] for k, v in evals.items()}
-    if not train:
-        raise ConfigError("data: no training prompts; set data.builtin (e.g. [add, sort, rev]) "
-                          "or data.files")
-    if d.only_domains:
-        unknown = sorted(set(d.only_domains) - set(train))
-        if unknown:
-            raise DataError(f"data.only_domains: unknown domain(s) {unknown}; the data has "
-                            f"{sorted(train)}")
-        train = {k: v for k, v in train.items() if k in d.only_domains}
-    for name, recs in train.items():
-        if not recs:
-            raise DataError(f"domain {name!r} has no training prompts; remove it or add data")
-    return train, evals
+    train, evals = run_records.load_located(cfg)
+    return ({k: [r for _, r in v] for k, v in train.items()},
+            {k: [r for _, r in v] for k, v in evals.items()})
 
 
 def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
@@ -166,24 +133,34 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
     Inputs are validated before anything is written, so a bad config or data file leaves no
     half-made run directory behind.
     """
+    init_cfg = validate.init_model_config(cfg.run.init) if cfg.run.init else None
+    if init_cfg is not None:  # run.init decides the student: the recorded config says so
+        cfg = dataclasses.replace(cfg, model=init_cfg)
     tok = load_tokenizer(cfg)
     vocab = getattr(tok, "vocab_size", None)
     if vocab is not None and vocab > cfg.model.vocab_size:
         raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"{vocab} ids; use a model whose vocabulary covers the tokenizer")
-    train, evals = load_records(cfg)
+    located_train, located_eval = run_records.load_located(cfg)
     mesh = shd.make_mesh(cfg.mesh)
+    warnings = validate.preflight(
+        cfg, cfg.model, tok, [x for v in located_train.values() for x in v],
+        [x for v in located_eval.values() for x in v],
+        lambda r: encode_prompt(tok, r), list(mesh.devices.flat))
     out = prepare_out_dir(cfg, resume)
-    if is_primary():
-        (out / "config.yaml").write_text(cfgmod.dump_yaml(cfg))
+    changes = run_dir.check_resume(cfg, out, resume)
     rewards_line = configure_rewards(cfg.rewards)  # an isolation that cannot run fails here
     if not quiet and is_primary():
         procs = jax.process_count()
         print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out} ({mesh.size} devices, {procs} "
               f"process{'es' if procs > 1 else ''})\n# {rewards_line}\n"
               + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
+        for w in warnings:
+            print(w, file=sys.stderr)
+    train = {k: [r for _, r in v] for k, v in located_train.items()}
+    evals = {k: [r for _, r in v] for k, v in located_eval.items()}
     all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
-    return Run(cfg, out, mesh, tok, all_domains, train, evals)
+    return Run(cfg, out, mesh, tok, all_domains, train, evals, config_changes=changes)
 
 
 def init_student(run: Run) -> Run:
@@ -376,8 +353,12 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
         loop.samples.update(extra.get("samples", {}))
         loop.initial_kl.update(extra.get("initial_kl", {}))
         print(f"resumed {run.out} at step {start}", file=sys.stderr)
-        if store is not None:
-            store.truncate_to_step(start)
+    elif resume and is_primary():
+        print(f"--resume: no checkpoint in {run.out / 'checkpoints'}; starting from step 0",
+              file=sys.stderr)
+    run_dir.start(cfg, run.out, run.config_changes, start, is_primary())
+    if store is not None and start:
+        store.truncate_to_step(start)
     writer = (MetricsWriter(run.out, resume_step=start if resume else None) if is_primary()
               else NullWriter())
 
@@ -387,12 +368,18 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
                                 "config": cfgmod.to_dict(cfg)}, force=force)
 
     pending = None  # (step, device metrics, host metrics): fetched one step late
+    last: dict = {}  # the latest flushed metrics (what the progress line shows)
 
     def flush():
-        nonlocal pending
+        nonlocal pending, last
         if pending is not None:
             step, dev, host = pending
-            writer.write(step, {**flatten_metrics(prefix, _to_host(dev), run.domains), **host})
+            last = {**flatten_metrics(prefix, _to_host(dev), run.domains), **host}
+            if "optimizer/lr" not in last:  # optax's count: skipped (non-finite) steps excluded
+                skipped = last.get(f"{prefix}/skipped_steps", 0.0)
+                skipped -= 1.0 - last.get(f"{prefix}/finite", 1.0)
+                last["optimizer/lr"] = schedule_lr_at(cfg.optimizer, int(step - 1 - skipped))
+            writer.write(step, last)
             pending = None
 
     budget = cfg.optimizer.sample_budget  # samples: the run's end and its LR schedule
@@ -401,7 +388,11 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
         return bool(budget) and sum(loop.samples.values()) >= budget
 
     t0 = time.perf_counter()
-    progress = Progress(total_steps - start, desc=f"{cfg.run.name} {prefix}")
+    progress = RunProgress(total_steps, start, f"{cfg.run.name} {prefix}",
+                           every_steps=cfg.run.log_every, every_s=cfg.run.log_every_s,
+                           enabled=is_primary())
+    samples0 = sum(loop.samples.values())
+    t_step = time.perf_counter()
     with GracefulStop() as stop:
         step = start
         while step < total_steps and not spent():
@@ -414,6 +405,9 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
                 host = {**host, "optimizer/lr": lr}
             flush()
             step += 1
+            now = time.perf_counter()
+            host = {**host, "time/step_s": now - t_step}
+            t_step = now
             pending = (step, dev, host)
             if store is not None and rows is not None:
                 store.append(step=step, **rows)
@@ -422,12 +416,17 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
                 flush()
                 scores = evaluate(run, state["params"])
                 writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
-            progress.update(1)
+                progress.note(f"[{progress.desc}] eval at step {step}: "
+                              + " | ".join(f"{d} {v:.4f}" for d, v in scores.items()))
             stopping = stop.requested_anywhere()  # every process stops at the same step
             if (step % cfg.run.checkpoint_every == 0 or step == total_steps or spent()
                     or stopping):
                 flush()
                 save(step, state, force=stopping)
+            done = sum(loop.samples.values()) - samples0
+            progress.update(step, last, prefix,
+                            samples=done if done else (step - start) * pipeline.batch_size,
+                            lr=last.get("optimizer/lr"), step_s=host["time/step_s"])
             if stopping:
                 ckpt.wait()
                 print(f"stopped by signal at step {step}; checkpoint saved in "
@@ -438,7 +437,8 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     ckpt.wait()
     ckpt.close()
     finished = step == total_steps or spent()
-    if final_eval and finished:
+    loop.finished_before = step == start and (run.out / "eval.json").is_file()
+    if final_eval and finished and not loop.finished_before:
         scores = evaluate(run, state["params"])
         writer.write(step, {f"eval/{d}": s for d, s in scores.items()})
         if is_primary():
@@ -451,7 +451,7 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
 
 def finish(run: Run, params, loop: Loop) -> Result:
     """The recipes' epilogue: export OUT/model unless the loop was stopped."""
-    if not loop.stopped:
+    if not loop.stopped and not loop.finished_before:
         export_student(run, params)
     return Result(run.out, params, loop.stopped, loop.elapsed, dict(loop.samples))
 
@@ -460,23 +460,33 @@ def open_store(run: Run):
     """The run's rollout store (``OUT/rollouts``), or None when off or not process 0."""
     if not run.cfg.run.store_rollouts or not is_primary():  # one writer per store
         return None
-    from mopd_jax.rollout_store import RolloutStore
-    return RolloutStore(run.out / "rollouts", max_len=seq_len(run.cfg))
+    return run_dir.LazyStore(run.out / "rollouts", seq_len(run.cfg))
 
 
 def export_student(run: Run, params, name: str = "model") -> Path:
     """Save the trained params as a model checkpoint (teacher / pi_0 / student) + tokenizer."""
     from mopd_jax.checkpoint import save_model
+    from mopd_jax.outputs import atomic_dir
 
-    out = run.out / name
-    save_model(out, params, run.model_cfg)
-    if not is_primary():
-        return out
-    if isinstance(run.tokenizer, CharTokenizer):
-        (out / "char_tokenizer.json").write_text(json.dumps(
-            {"alphabet": run.tokenizer.alphabet, "vocab_size": run.tokenizer.vocab_size}))
-    elif getattr(run.tokenizer, "directory", None):
-        import shutil
-        for f in Path(run.tokenizer.directory).glob("tokenizer*"):
-            shutil.copy(f, out / f.name)
+    out = (run.out / name).absolute()
+    # Written beside OUT/<name> and renamed into place: a model dir is whole or absent. The
+    # run's own earlier export (a resumed run that went on) is replaced.
+    with atomic_dir(out, replace_own=True, primary=is_primary(), barrier=_barrier) as tmp:
+        save_model(tmp, params, run.model_cfg)
+        if is_primary():
+            if isinstance(run.tokenizer, CharTokenizer):
+                (tmp / "char_tokenizer.json").write_text(json.dumps(
+                    {"alphabet": run.tokenizer.alphabet,
+                     "vocab_size": run.tokenizer.vocab_size}))
+            elif getattr(run.tokenizer, "directory", None):
+                import shutil
+                for f in Path(run.tokenizer.directory).iterdir():
+                    if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+                        shutil.copy(f, tmp / f.name)
     return out
+
+
+def _barrier() -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("mopd_export")
