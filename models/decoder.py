@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.config import ModelConfig
 from models.layers import CACHE_AXES, MLP, Attention, RMSNorm, constrain, dtype_of, param
@@ -27,15 +28,77 @@ class DecoderLayer(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg, rngs) if self.is_moe else MLP(cfg, rngs)
 
+    def mlp_records(self) -> bool:
+        """Whether this block's MoE is recording its routing (``forward_with_routing``)."""
+        return self.is_moe and self.mlp.record_routing
+
     def __call__(self, x, positions, cache=None, valid=None, expert_ids=None):
         h, new_cache = self.self_attn(self.input_layernorm(x), positions, cache,
                                       None if cache is not None else valid)
-        x = x + h
+        x = x + checkpoint_name(h, "attn_out")
         if self.is_moe:
             h, aux = self.mlp(self.post_attention_layernorm(x), valid, expert_ids)
         else:
             h, aux = self.mlp(self.post_attention_layernorm(x)), jnp.zeros((), jnp.float32)
-        return x + h, new_cache, aux
+        return x + checkpoint_name(h, "moe_out" if self.is_moe else "mlp_out"), new_cache, aux
+
+
+def scans(cfg: ModelConfig) -> bool:
+    """Whether the blocks run as a layer scan (``model.scan_layers``; None = 16+ layers)."""
+    return cfg.scan_layers if cfg.scan_layers is not None else cfg.num_layers >= 16
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+    """(first layer, count) of each run of identical blocks: same attention kind, KV heads,
+    sinks, RoPE theta and MLP kind. A scanned model stacks each run's parameters."""
+    def sig(i):
+        return (cfg.is_moe_layer(i), cfg.layer_type(i), cfg.kv_heads(i), cfg.has_sinks(i),
+                cfg.layer_rope_theta(i))
+    groups, start = [], 0
+    for i in range(1, cfg.num_layers + 1):
+        if i == cfg.num_layers or sig(i) != sig(start):
+            groups.append((start, i - start))
+            start = i
+    return tuple(groups)
+
+
+def _stack(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One block whose every parameter gains a leading ``layers`` axis (the run's layers)."""
+    template = layers[0]
+    gdef, *states = [nnx.split(layer) for layer in layers]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in [gdef, *states]])
+    for _, var in nnx.to_flat_state(stacked):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is not None:
+            var.set_metadata(logical_axes=("layers", *axes))
+    nnx.update(template, stacked)
+    return template
+
+
+def _remat_policy(name: str):
+    cp = jax.checkpoint_policies
+    names = ("attn_out", "moe_out", "mlp_out")
+    return {"full": None, "save_dots": cp.dots_with_no_batch_dims_saveable,
+            "save_attention": cp.save_only_these_names(*names),
+            "offload": cp.save_and_offload_only_these_names(
+                names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+                offload_src="device", offload_dst="pinned_host")}[name]
+
+
+def _block_fn(gdef, cfg: ModelConfig, record: bool, *, scanned: bool):
+    """A pure ``(params, x, positions, cache, valid, expert_ids) -> (x, cache, aux, ids)``
+    for one block, under the model's remat policy."""
+    def fn(state, x, positions, cache, valid, expert_ids):
+        layer = nnx.merge(gdef, state)
+        if not record:
+            x, c, a = layer(x, positions, cache, valid, expert_ids)
+            return x, c, a, None
+        (x, c, a), sown = nnx.capture(layer, nnx.Intermediate)(x, positions, cache, valid,
+                                                               expert_ids)
+        return x, c, a, nnx.to_pure_dict(sown)["mlp"]["expert_ids"][-1]
+    if cfg.remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_remat_policy(cfg.remat), prevent_cse=not scanned)
 
 
 class Decoder(nnx.Module):
@@ -53,8 +116,13 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
                            fan_in=1)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs, self.rope_inv_freq(cfg, i))
-                                for i in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, i, rngs, self.rope_inv_freq(cfg, i))
+                  for i in range(cfg.num_layers)]
+        if scans(cfg):  # one stacked block per run of identical layers (``layer_groups``)
+            self.groups = layer_groups(cfg)
+            self.blocks = nnx.List([_stack(layers[a:a + n]) for a, n in self.groups])
+        else:
+            self.layers = nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -62,12 +130,20 @@ class Decoder(nnx.Module):
 
     # ------------------------------------------------------------------ the protocol
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list:
-        """One empty KV cache per layer (see ``Attention.init_cache``)."""
+        """One empty KV cache per layer (see ``Attention.init_cache``); a scanned model has one
+        per run of layers, each leaf with a leading ``layers`` axis."""
+        if scans(self.cfg):
+            return [jax.tree.map(lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)),
+                                 Attention.init_cache(self.cfg, batch, max_len, dtype, a))
+                    for a, n in self.groups]
         return [Attention.init_cache(self.cfg, batch, max_len, dtype, i)
                 for i in range(self.cfg.num_layers)]
 
     def cache_axes(self) -> list:
         """Logical axes of every leaf of ``init_cache``'s result (same structure)."""
+        if scans(self.cfg):
+            axes = ("layers", *CACHE_AXES)
+            return [{"k": axes, "v": axes} for _ in self.groups]
         return [{"k": CACHE_AXES, "v": CACHE_AXES} for _ in range(self.cfg.num_layers)]
 
     def moe_layers(self) -> tuple[int, ...]:
@@ -88,14 +164,52 @@ class Decoder(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self.embed[...][tokens_BT].astype(dtype_of(self.cfg.dtype))
         x = constrain(x, ("batch", "length", "embed"))
-        new_cache, aux = [], jnp.zeros((), jnp.float32)
-        for i, layer in enumerate(self.layers):
-            x, c, a = layer(x, positions_BT, None if cache is None else cache[i], valid_BT,
-                            None if expert_ids is None else expert_ids.get(i))
-            new_cache.append(c)
-            aux = aux + a
+        new_cache, aux, routing = [], jnp.zeros((), jnp.float32), {}
+        if scans(self.cfg):
+            for g, ((a0, n), block) in enumerate(zip(self.groups, self.blocks)):
+                x, c, a, ids = self._scan_group(block, a0, n, x, positions_BT,
+                                                None if cache is None else cache[g], valid_BT,
+                                                expert_ids)
+                new_cache.append(c)
+                aux = aux + a
+                routing.update({a0 + j: ids[j] for j in range(n)} if ids is not None else {})
+        else:
+            for i, layer in enumerate(self.layers):
+                c_i = None if cache is None else cache[i]
+                e_i = None if expert_ids is None else expert_ids.get(i)
+                if self.cfg.remat == "none" and not layer.mlp_records():
+                    x, c, a = layer(x, positions_BT, c_i, valid_BT, e_i)
+                else:
+                    gdef, state = nnx.split(layer)
+                    fn = _block_fn(gdef, self.cfg, layer.mlp_records(), scanned=False)
+                    x, c, a, ids = fn(state, x, positions_BT, c_i, valid_BT, e_i)
+                    if ids is not None:
+                        routing[i] = ids
+                new_cache.append(c)
+                aux = aux + a
+        if routing:
+            self.sow(nnx.Intermediate, "routing", routing)
         aux = aux / max(len(self.moe_layers()), 1)
         return self.norm(x), (new_cache if cache is not None else None), aux
+
+    def _scan_group(self, block, first: int, n: int, x, positions, cache, valid, expert_ids):
+        """Layers first..first+n-1 as one ``lax.scan`` over the stacked block."""
+        gdef, state = nnx.split(block)
+        record = block.mlp_records()
+        fn = _block_fn(gdef, self.cfg, record, scanned=True)
+        ids_in = None
+        if expert_ids is not None and block.is_moe:
+            ids_in = jnp.stack([expert_ids[first + j] for j in range(n)])
+
+        def body(carry, xs):
+            h, aux = carry
+            st, c, e = xs
+            h, c, a, ids = fn(st, h, positions, c, valid, e)
+            return (h, aux + a), (c, ids)
+
+        (x, aux), (new_cache, ids) = jax.lax.scan(
+            body, (x, jnp.zeros((), jnp.float32)), (state, cache, ids_in))
+        return x, new_cache, aux, ids
 
     def lm_head_weight(self) -> jax.Array:
         """The [D, V] output projection (the embedding transposed when tied)."""
@@ -120,16 +234,17 @@ def forward_with_routing(model: Decoder, *args, **kwargs):
 
     The ids are what ``expert_ids=`` replays (router replay); dense blocks have no entry.
     """
-    moes = {i: layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
-    for m in moes.values():
+    blocks = model.blocks if scans(model.cfg) else model.layers
+    moes = [layer.mlp for layer in blocks if layer.is_moe]
+    for m in moes:
         m.record_routing = True
     try:
         out, sown = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
     finally:
-        for m in moes.values():
+        for m in moes:
             m.record_routing = False
     sown = nnx.to_pure_dict(sown)
-    return out, {i: sown["layers"][i]["mlp"]["expert_ids"][-1] for i in moes}
+    return out, {int(i): ids for i, ids in sown.get("routing", [{}])[-1].items()}
 
 
 def token_logprobs(model: Decoder, tokens_BT) -> jax.Array:

@@ -295,11 +295,15 @@ def load_hf_params(directory: str | Path, abstract_state, cfg: ModelConfig, shar
     for n, (path, var) in enumerate(leaves_with_path):
         key = _path_tuple(path)
         key = key[:-1] if key and key[-1] == "value" else key
-        entry = table.get(key)
-        if entry is None:
-            raise HFCheckpointError(f"internal: no Hugging Face mapping for parameter {key}")
         want = var.get_value() if is_var(var) else var
-        host = _load_entry(src, entry, key, cfg, tuple(want.shape))
+        parts = []
+        for layer_key, shape in _unstacked(key, tuple(want.shape), cfg):
+            entry = table.get(layer_key)
+            if entry is None:
+                raise HFCheckpointError(f"internal: no Hugging Face mapping for parameter "
+                                        f"{layer_key}")
+            parts.append(_load_entry(src, entry, layer_key, cfg, shape))
+        host = parts[0] if key[0] != "blocks" else np.stack(parts)
         if host.shape != tuple(want.shape):
             raise HFCheckpointError(
                 f"{directory}: {entry.keys[0]} has shape {host.shape} after mapping but the "
@@ -315,6 +319,18 @@ def load_hf_params(directory: str | Path, abstract_state, cfg: ModelConfig, shar
         del host
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state,
                                                                      is_leaf=is_var), out)
+
+
+def _unstacked(key: tuple, shape: tuple, cfg: ModelConfig) -> list[tuple[tuple, tuple]]:
+    """The per-layer parameter keys (and shapes) a parameter stands for: itself, or for a
+    scanned model's ``('blocks', g, ...)`` [n, ...] stack, ``('layers', i, ...)`` for each of
+    the run's n layers (``models.decoder.layer_groups``)."""
+    if key[0] != "blocks":
+        return [(key, shape)]
+    from models.decoder import layer_groups
+
+    first, n = layer_groups(cfg)[key[1]]
+    return [(("layers", first + j, *key[2:]), shape[1:]) for j in range(n)]
 
 
 def _check_shape(src: SafetensorsDir, name: str, got: tuple, want: tuple) -> None:
@@ -367,8 +383,11 @@ def iter_hf_tensors(state, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]
         key = key[:-1] if key and key[-1] == "value" else key
         value = var.get_value() if is_var(var) else var
         host = np.asarray(jax.device_get(value))
-        for k, v in table[key].to_hf(host).items():
-            yield k, np.ascontiguousarray(v)
+        layers = _unstacked(key, host.shape, cfg)
+        for j, (layer_key, _) in enumerate(layers):
+            part = host[j] if key[0] == "blocks" else host
+            for k, v in table[layer_key].to_hf(part).items():
+                yield k, np.ascontiguousarray(v)
 
 
 def save_hf(state, cfg: ModelConfig, out_dir: str | Path, *, max_shard_bytes: int = 4 << 30,

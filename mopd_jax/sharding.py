@@ -80,16 +80,19 @@ RULES: dict[str, dict[str, object]] = {
         "batch": ("data", "fsdp"), "length": None, "tokens": ("data", "fsdp"),
         "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "q_heads": "tensor",
         "kv_heads": "tensor", "head_dim": None, "expert": "expert", "norm": None,
+        "layers": None,
     },
     "sample": {
         "batch": ("data", "fsdp"), "length": None, "tokens": ("data", "fsdp"),
         "vocab": "tensor", "embed": None, "mlp": "tensor", "q_heads": "tensor",
         "kv_heads": "tensor", "head_dim": None, "expert": "expert", "norm": None,
+        "layers": None,
     },
     "teacher": {
         "batch": ("data", "fsdp"), "length": None, "tokens": ("data", "fsdp"),
         "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "q_heads": "tensor",
         "kv_heads": "tensor", "head_dim": None, "expert": "expert", "norm": None,
+        "layers": None,
     },
 }
 
