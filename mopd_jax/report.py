@@ -76,6 +76,7 @@ def write_report(out: str | Path, table: dict) -> Path:
     m = table.get("mean_normalised")
     lines += ["", f"Mean normalised score: **{m:.3f}**" if m is not None else
               "Mean normalised score: n/a (no teacher beat pi_0)"]
+    lines += [""] + list(table["notes"]) if table.get("notes") else []
     if "wall_s" in table:
         lines.append(f"Wall time: {table['wall_s']:.0f} s")
     for title, png in figs:

@@ -299,17 +299,18 @@ def test_quick_demo_produces_the_table_and_report(tmp_path):
     assert "[sft] done earlier" in err and "[teacher_add] done earlier" in err
     import csv
     rows = list(csv.DictReader(open(tmp_path / "demo" / "compare.csv")))
-    methods = {"mopd", "mix_rl", "cascade", "offpolicy_ft", "merge_avg", "merge_ta",
-               "merge_ties", "mopd_round2"}
+    methods = {"mopd_A", "mix_rl", "cascade", "offpolicy_ft", "merge_avg", "merge_ta",
+               "merge_ties", "mopd_A_round2"}
     assert {r["method"] for r in rows} == methods
     for r in rows:
         if r["domain"] != "mean" and not r["method"].startswith("merge"):
             assert float(r["samples"]) > 0, r
     by = {(r["method"], r["domain"]): r for r in rows}
-    assert by[("mopd", "add")]["pi0"] == by[("mix_rl", "add")]["pi0"]  # one pi_0 for all
+    assert by[("mopd_A", "add")]["pi0"] == by[("mix_rl", "add")]["pi0"]  # one pi_0 for all
     md = (tmp_path / "demo" / "compare.md").read_text()
-    for name in ("MOPD", "Mix-RL", "Cascade RL", "Off-Policy FT", "Param-Merge (Avg)",
-                 "Param-Merge (Task Arithmetic)", "Param-Merge (TIES)", "MOPD, second round"):
+    for name in ("MOPD (A)", "Mix-RL", "Cascade RL", "Off-Policy FT", "Param-Merge (Avg)",
+                 "Param-Merge (Task Arithmetic)", "Param-Merge (TIES)",
+                 "MOPD (A), second round"):
         assert f"| {name} |" in md
     assert (tmp_path / "demo" / "compare_samples.png").stat().st_size > 1000
 

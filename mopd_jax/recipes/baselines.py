@@ -80,11 +80,23 @@ def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Res
     if unknown:
         raise ConfigError(f"cascade.order: domains {unknown} have no training prompts; "
                           f"choose from {sorted(train)}")
-    total = cfg.optimizer.total_steps
-    steps = [total // len(order) + (i < total % len(order)) for i in range(len(order))]
-    if min(steps) < 1:
-        raise ConfigError(f"optimizer.total_steps={total}: need at least one step per cascade "
-                          f"stage ({len(order)} stages)")
+    total, budget = cfg.optimizer.total_steps, cfg.optimizer.sample_budget
+    unknown = sorted(set(cfg.cascade.stage_samples) - set(order))
+    if unknown:
+        raise ConfigError(f"cascade.stage_samples: domains {unknown} are not stages; the "
+                          f"stages are {order}")
+    if budget:  # each stage to its own sample budget; total_steps caps each stage
+        stage_budget = [cfg.cascade.stage_samples.get(d, budget // len(order)) for d in order]
+        steps = [total] * len(order)
+    else:
+        if cfg.cascade.stage_samples:
+            raise ConfigError("cascade.stage_samples: needs optimizer.sample_budget (stages end "
+                              "at their sample budget); set it or drop cascade.stage_samples")
+        stage_budget = [0] * len(order)
+        steps = [total // len(order) + (i < total % len(order)) for i in range(len(order))]
+    if min(steps) < 1 or (budget and min(stage_budget) < 1):
+        raise ConfigError(f"optimizer.total_steps={total}: need at least one step (and sample) "
+                          f"per cascade stage ({len(order)} stages)")
     run = common.setup(cfg, resume=True, quiet=quiet)
     t0 = time.perf_counter()
     init, rows, step0, samples0 = cfg.run.init, [], 0, {}
@@ -92,10 +104,11 @@ def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Res
         stage = replace(cfg, **{"run.recipe": "grpo", "run.name": f"{cfg.run.name}-{d}",
                                 "run.out_dir": str(run.out / f"stage{i + 1}_{d}"),
                                 "run.init": str(init), "data.only_domains": [d],
-                                "optimizer.total_steps": n})
+                                "optimizer.total_steps": n,
+                                "optimizer.sample_budget": stage_budget[i]})
         init = run_phase(run_grpo, stage, quiet=True)
-        stage_samples = {}
-        for r in _eval_rows(Path(stage.run.out_dir)):
+        stage_samples, stage_rows = {}, _eval_rows(Path(stage.run.out_dir))
+        for r in stage_rows:
             stage_samples = {k: v for k, v in r.items() if k.startswith("samples/")}
             tot = dict(samples0)
             for k, v in stage_samples.items():
@@ -103,7 +116,7 @@ def run_cascade(cfg, *, resume: bool = False, quiet: bool = False) -> common.Res
             rows.append({**r, **tot, "step": step0 + r["step"], "stage": d})
         for k, v in stage_samples.items():
             samples0[k] = samples0.get(k, 0.0) + v
-        step0 += n
+        step0 += stage_rows[-1]["step"] if stage_rows else n  # its last evaluation: the end
     if common.is_primary():
         with open(run.out / "metrics.jsonl", "w") as f:
             for r in rows:

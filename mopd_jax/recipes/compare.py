@@ -1,43 +1,46 @@
-"""`mopd compare`: MOPD and every baseline from one pi_0 and one set of teachers, equal budget.
+"""`mopd compare`: MOPD and every baseline from one pi_0 and one set of teachers.
 
 Layout under ``--out``: ``sft/`` and ``teacher_<d>/`` (shared with `mopd demo`, reused when
-finished), then ``compare/<method>/s<seed>/`` per method and seed (``compare/round2/`` holds the
-second round's teachers), and the outputs ``compare.md``, ``compare.csv``, ``compare.json`` and
-``compare_samples.png``.
+finished), then ``compare/<protocol>/<method>/lr<lr>/s<seed>/`` per method, learning rate and
+seed (``compare/merges/<method>/`` for the Param-Merges, ``compare/foreign/`` for the
+foreign-teacher ablation's base and teachers, ``compare/round2/`` for the second round's
+teachers), and the outputs ``compare.md``, ``.csv``, ``.json`` and ``compare_samples.png``
+(``compare_equal_samples.*`` under that protocol).
 
-Budget: every trained method gets ``compare.samples`` samples (student rollouts, or teacher
-responses for Off-Policy FT) in all, turned into its own step count from its samples per step;
-the samples it really consumed (GRPO's dynamic sampling draws extra rounds) are reported.
-Param-Merge uses none. Scores are greedy rewards on the fixed, seeded held-out set, normalised
-per domain: 0 = pi_0, 1 = that domain's teacher; the mean gives each domain equal weight.
+Budgets (``compare.protocol``, see ``plan``): a budget is a number of *consumed* samples (one
+student rollout, or one teacher response for Off-Policy FT; GRPO's dynamic sampling counts
+every rollout it draws, kept or not). Each trained run stops at its budget
+(``optimizer.sample_budget``) with its cosine LR decay over samples, so a method that draws
+more per step takes fewer optimizer steps. ``paper``: the RL baselines get the teachers'
+per-domain budget, as in the paper (Mix-RL the sum over domains, Cascade each stage its
+domain's), MOPD and Off-Policy FT ``compare.samples``. ``equal_samples``: every method
+``compare.samples``. Param-Merge uses none.
+
+Scores are greedy rewards on the fixed, seeded held-out test set, normalised per domain:
+0 = pi_0, 1 = that domain's teacher; a domain whose teacher does not beat pi_0 has no scale,
+is shown as such and left out of the mean (with a printed note). ``compare.lr_grid`` picks
+each method's learning rate on a validation split disjoint from the test set.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
 from mopd_jax import config as cfgmod
+from mopd_jax.recipes import compare_report as report
 from mopd_jax.recipes import demo, recipe_fn
 from mopd_jax.recipes.baselines import run_phase
 from mopd_jax.recipes.grpo import run_grpo
 
-METHODS = {
-    "mopd": "MOPD",
-    "mix_rl": "Mix-RL",
-    "cascade": "Cascade RL",
-    "offpolicy_ft": "Off-Policy FT",
-    "merge_avg": "Param-Merge (Avg)",
-    "merge_ta": "Param-Merge (Task Arithmetic)",
-    "merge_ties": "Param-Merge (TIES)",
-    "mopd_round2": "MOPD, second round",
-}
+BASELINES = ("mix_rl", "cascade", "offpolicy_ft", "merge_avg", "merge_ta", "merge_ties")
+MERGES = {"merge_avg": "average", "merge_ta": "task_arithmetic", "merge_ties": "ties"}
+VARIANTS = {"dn_rescale": "dn", "foreign_teacher": "foreign"}  # ablation -> row suffix
 QUICK_SAMPLES = 384
 
 
@@ -48,81 +51,185 @@ def resolve_config(name: str) -> Path:
     return Path(name)
 
 
-def _steps(samples: int, per_step: int, minimum: int = 1) -> int:
-    return max(minimum, round(samples / per_step))
+# ----------------------------------------------------------------------------- rows
+def method_rows(c, second_round: bool) -> list[str]:
+    """compare.methods expanded: 'mopd' -> 'mopd_<E>' per compare.estimators, then the
+    ablations (``mopd_<E0>_dn``, ``mopd_<E0>_foreign``) and the second round."""
+    unknown = [m for m in c.methods if m != "mopd" and m not in BASELINES]
+    if unknown:  # before any training, not after the first methods ran
+        raise cfgmod.ConfigError(f"compare.methods: unknown method(s) {unknown}; choose from "
+                                 f"{['mopd', *BASELINES]} (the second round is "
+                                 "--second-round, ablations compare.ablations)")
+    rows = []
+    for m in c.methods:
+        rows += [f"mopd_{e}" for e in c.estimators] if m == "mopd" else [m]
+    e0 = c.estimators[0]
+    rows += [f"mopd_{e0}_{VARIANTS[a]}" for a in c.ablations]
+    if second_round:
+        rows.append(f"mopd_{e0}_round2")
+    return list(dict.fromkeys(rows))
 
 
-def method_config(method: str, base, out: Path, seed: int, mode: dict, pi0, teachers,
-                  overrides, config):
-    """The recipe config of one method run at the compare budget."""
-    cfg0 = base
-    budget = cfg0.compare.samples
-    run_dir = out / "compare" / method / f"s{seed}"
-    common = {"run.seed": seed, "run.init": str(pi0),
-              **{f"mopd.teachers.{d}": str(p) for d, p in teachers.items()}}
-    if method in ("mopd", "mopd_round2"):
-        m = cfg0.mopd
-        steps = _steps(budget, m.prompts_per_step * m.samples_per_prompt)
-        extra = {"run.recipe": "mopd", "optimizer.lr": mode["mopd_lr"]}
-    elif method in ("mix_rl", "cascade"):
-        g = cfg0.grpo
-        n_stages = len(cfg0.cascade.order or cfg0.data.builtin or [1])
-        steps = _steps(budget, g.prompts_per_step * g.group_size,
-                       n_stages if method == "cascade" else 1)
-        extra = {"run.recipe": method, "optimizer.lr": mode["grpo_lr"]}
-    elif method == "offpolicy_ft":
-        steps = _steps(budget, cfg0.offpolicy.prompts_per_step)
-        extra = {"run.recipe": "offpolicy_ft", "optimizer.lr": mode["mopd_lr"]}
-    elif method.startswith("merge_"):
-        steps = 1
-        kind = {"merge_avg": "average", "merge_ta": "task_arithmetic",
-                "merge_ties": "ties"}[method]
-        extra = {"run.recipe": "merge", "merge.method": kind}
-    else:
-        raise cfgmod.ConfigError(f"compare.methods: unknown method {method!r}; choose from "
-                                 f"{[m for m in METHODS if m != 'mopd_round2']}")
-    points = cfg0.compare.eval_points
-    every = max(1, steps // points) if points and steps > 1 else 0
-    return demo.phase_config(out, f"compare/{method}/s{seed}", mode, overrides, config, **{
-        **common, **extra, "run.name": f"{method}-s{seed}", "run.out_dir": str(run_dir),
-        "optimizer.total_steps": steps, "run.eval_every": every})
+def parse_mopd(method: str) -> tuple[str, str] | None:
+    """('A', '') for 'mopd_A', ('A', 'dn') for 'mopd_A_dn'; None for a baseline."""
+    if not method.startswith("mopd_"):
+        return None
+    est, _, variant = method[len("mopd_"):].partition("_")
+    return est, variant
 
 
-def _final_scores(run_dir: Path) -> dict[str, float]:
-    return json.loads((run_dir / "eval.json").read_text())
+def recipe_of(method: str) -> str:
+    return "mopd" if parse_mopd(method) else "merge" if method in MERGES else method
 
 
-def _curve(run_dir: Path) -> list[tuple[float, dict]]:
-    """(samples consumed so far, {domain: score}) at each evaluation of a run."""
-    pts, samples = [], {}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return pts
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        samples.update({k: v for k, v in r.items() if k.startswith("samples/")})
-        ev = {k[5:]: v for k, v in r.items() if k.startswith("eval/")}
-        if ev:
-            pts.append((float(sum(samples.values())), ev))
-    return pts
+# ----------------------------------------------------------------------------- budgets
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """One method's budget under a protocol."""
+
+    samples: int  # consumed samples the run stops at (0: Param-Merge)
+    per_step: int  # nominal samples per optimizer step (GRPO: prompts x group size)
+    stages: dict = dataclasses.field(default_factory=dict)  # Cascade: domain -> budget
+
+    @property
+    def nominal_steps(self) -> int:
+        """Steps if every step consumed exactly its nominal samples; no run takes more (a
+        GRPO step draws at least prompts x group size), so it is also the step cap."""
+        if not self.per_step:
+            return 0
+        if self.stages:
+            return sum(math.ceil(b / self.per_step) for b in self.stages.values())
+        return math.ceil(self.samples / self.per_step)
 
 
-def normalised(scores: dict, base: dict, teacher: dict) -> dict[str, float]:
+def plan(protocol: str, method: str, cfg, teacher_samples: dict[str, int],
+         domains) -> Budget:
+    """The budget of ``method`` under ``protocol`` (see the module doc)."""
+    c, kind = cfg.compare, recipe_of(method)
+    if kind == "merge":
+        return Budget(0, 0)
+    if kind == "mopd":
+        return Budget(c.samples, cfg.mopd.prompts_per_step * cfg.mopd.samples_per_prompt)
+    if kind == "offpolicy_ft":
+        return Budget(c.samples, cfg.offpolicy.prompts_per_step)
+    per = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    paper = protocol == "paper"
+    if kind == "mix_rl":
+        return Budget(sum(teacher_samples[d] for d in domains) if paper else c.samples, per)
+    order = list(cfg.cascade.order) or sorted(domains)
+    if paper:
+        stages = {d: int(teacher_samples[d]) for d in order}
+    else:  # the budget split evenly, the remainder to the first stages
+        stages = {d: c.samples // len(order) + (i < c.samples % len(order))
+                  for i, d in enumerate(order)}
+    return Budget(sum(stages.values()), per, stages)
+
+
+def teacher_budgets(c, teachers: dict) -> dict[str, int]:
+    """Each domain teacher's consumed samples: compare.teacher_samples, else the last
+    ``samples/*`` of the teacher run's metrics.jsonl (``<run>/model`` -> ``<run>``)."""
     out = {}
-    for d in teacher:
-        gap = teacher[d] - base[d]
-        out[d] = (scores[d] - base[d]) / gap if gap > 0 and d in scores else float("nan")
+    for d, path in sorted(teachers.items()):
+        if d in c.teacher_samples:
+            out[d] = int(c.teacher_samples[d])
+            continue
+        p = Path(str(path)[3:] if str(path).startswith("hf:") else str(path))
+        metrics = (p.parent if p.name == "model" else p) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise cfgmod.ConfigError(
+                f"compare.protocol=paper: the budget of teacher {d} is its consumed samples, "
+                f"but {metrics} is missing; set compare.teacher_samples.{d}=N or use "
+                "compare.protocol=equal_samples")
+        last = {}
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line)
+            last.update({k: v for k, v in r.items() if k.startswith("samples/")})
+        out[d] = int(round(sum(last.values())))
     return out
 
 
-def _mean(xs):
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
+# ----------------------------------------------------------------------------- runs
+def method_config(method, budget: Budget, lr, run_dir: Path, ctx, seed: int, pi0, teachers):
+    """The recipe config of one run of ``method``."""
+    base = ctx.base
+    est = parse_mopd(method)
+    extra = {"run.recipe": recipe_of(method), "run.seed": seed, "run.init": str(pi0),
+             "run.name": f"{method}-s{seed}", "run.out_dir": str(run_dir),
+             **{f"mopd.teachers.{d}": str(p) for d, p in teachers.items()}}
+    if method in MERGES:
+        extra.update({"merge.method": MERGES[method], "optimizer.total_steps": 1})
+        return demo.phase_config(ctx.out, str(run_dir), ctx.mode, ctx.overrides, ctx.cfg_path,
+                                 **extra)
+    steps = budget.nominal_steps
+    if est:
+        extra["mopd.estimator"] = est[0]
+        if est[1] == "dn":
+            extra["mopd.dn_rescale"] = True
+    if budget.stages:
+        extra.update({f"cascade.stage_samples.{d}": b for d, b in budget.stages.items()})
+        steps = max(math.ceil(b / budget.per_step) for b in budget.stages.values())
+    points = base.compare.eval_points
+    extra.update({"optimizer.lr": lr, "optimizer.sample_budget": budget.samples,
+                  "optimizer.total_steps": max(1, steps),
+                  "run.eval_every": max(1, budget.nominal_steps // points) if points else 0})
+    return demo.phase_config(ctx.out, str(run_dir), ctx.mode, ctx.overrides, ctx.cfg_path,
+                             **extra)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every run of one `mopd compare` shares."""
+
+    out: Path
+    mode: dict
+    overrides: list
+    cfg_path: Path
+    base: object  # the resolved compare config
+    pi0: Path
+    teachers: dict
+    ref: dict  # {"base": {d: score}, "teacher": {d: score}} on the test set
+    protocol: str
+    lrs: dict = dataclasses.field(default_factory=dict)  # method -> the lr its runs use
+
+
+def default_lr(ctx, method) -> float:
+    return ctx.mode["grpo_lr"] if recipe_of(method) in ("mix_rl", "cascade") \
+        else ctx.mode["mopd_lr"]
+
+
+def _run_dir(ctx, method, lr, seed) -> Path:
+    if method in MERGES:
+        return ctx.out / "compare" / "merges" / method
+    return ctx.out / "compare" / ctx.protocol / method / f"lr{lr:g}" / f"s{seed}"
+
+
+def train_one(ctx, method, budget, lr, seed, sources) -> dict:
+    """Run (or reuse) one (method, lr, seed); its scores, steps, samples and curve."""
+    pi0, teachers = sources(seed)
+    run_dir = _run_dir(ctx, method, lr, seed)
+    cfg = method_config(method, budget, lr, run_dir, ctx, seed, pi0, teachers)
+    reused = (run_dir / "model" / "model.json").is_file()
+    t0 = time.perf_counter()
+    run_phase(recipe_fn(cfg.run.recipe), cfg)
+    wall = _wall(run_dir, None if reused else time.perf_counter() - t0)
+    scores = json.loads((run_dir / "eval.json").read_text())
+    curve, steps = report.read_curve(run_dir)
+    used = curve[-1][0] if curve else 0.0
+    base, teacher = ctx.ref["base"], ctx.ref["teacher"]
+    norm = report.normalised(scores, base, teacher)
+    points = [] if method in MERGES else [(0.0, 0.0)]
+    points += [(s, report.mean_finite(report.normalised(ev, base, teacher).values()))
+               for s, ev in curve]
+    return {"method": method, "seed": seed, "lr": lr if method not in MERGES else None,
+            "scores": scores, "normalised": norm,
+            "mean_normalised": report.mean_finite(norm.values()), "steps": steps,
+            "samples": used, "nominal": steps * budget.per_step, "budget": budget.samples,
+            "wall_s": wall, "curve": points, "dir": str(run_dir)}
 
 
 def run_compare(config: str = "demo", out: str = "runs/compare", quick: bool = False,
                 seeds: int = 1, overrides=(), second_round: bool | None = None) -> dict:
-    """Run every method of compare.methods for each seed; write compare.md/.csv/.json + plot."""
+    """Every row of ``method_rows`` for each seed; writes compare.md/.csv/.json + the plot."""
     out = Path(out)
     cfg_path = resolve_config(config)
     mode = dict(demo.MODES["quick" if quick else "full"])
@@ -132,54 +239,87 @@ def run_compare(config: str = "demo", out: str = "runs/compare", quick: bool = F
     base = demo.phase_config(out, "compare", mode, overrides, cfg_path)
     if seeds < 1:
         raise cfgmod.ConfigError("--seeds: must be >= 1")
-    unknown = [m for m in base.compare.methods if m not in METHODS or m == "mopd_round2"]
-    if unknown:  # before any training, not after the first methods ran
-        raise cfgmod.ConfigError(f"compare.methods: unknown method(s) {unknown}; choose from "
-                                 f"{[m for m in METHODS if m != 'mopd_round2']} (the second "
-                                 "round is --second-round)")
-    second = base.compare.second_round if second_round is None else second_round
+    c = base.compare
+    rows = method_rows(c, c.second_round if second_round is None else second_round)
+    if "foreign_teacher" in c.ablations and (base.run.init or base.mopd.teachers):
+        raise cfgmod.ConfigError("compare.ablations: foreign_teacher trains a second SFT base "
+                                 "and its teachers from scratch; use a config that trains "
+                                 "pi_0 and the teachers here (no run.init / mopd.teachers)")
     t_all = time.perf_counter()
     pi0, teachers, _ = demo.base_and_teachers(out, mode, overrides, cfg_path)
     eval_cfg = demo.phase_config(out, "compare/eval", mode, overrides, cfg_path, **{
         "run.init": str(pi0), **{f"mopd.teachers.{d}": str(p) for d, p in teachers.items()}})
     ref = demo.evaluate_models(eval_cfg, pi0, teachers, None)
-    base_scores = {r["domain"]: r["base"] for r in ref["rows"]}
-    teacher_scores = {r["domain"]: r["teacher"] for r in ref["rows"]}
+    ctx = Context(out, mode, overrides, cfg_path, base, pi0, teachers,
+                  {"base": {r["domain"]: r["base"] for r in ref["rows"]},
+                   "teacher": {r["domain"]: r["teacher"] for r in ref["rows"]}}, c.protocol)
+    domains = sorted(teachers)
+    t_budget = teacher_budgets(c, teachers) if c.protocol == "paper" and any(
+        recipe_of(m) in ("mix_rl", "cascade") for m in rows) else {}
 
-    runs = []  # one dict per (method, seed)
-    methods = list(base.compare.methods) + (["mopd_round2"] if second else [])
-    for method in methods:
-        for seed in range(seeds):
-            if method == "mopd_round2":
-                student = out / "compare" / "mopd" / f"s{seed}" / "model"
-                t2 = _second_round_teachers(out, mode, overrides, cfg_path, student, seed)
-                cfg = method_config(method, base, out, seed, mode, student, t2, overrides,
-                                    cfg_path)
-            else:
-                cfg = method_config(method, base, out, seed, mode, pi0, teachers, overrides,
-                                    cfg_path)
-            run_dir = Path(cfg.run.out_dir)
-            reused = (run_dir / "model" / "model.json").is_file()
-            t0 = time.perf_counter()
-            run_phase(recipe_fn(cfg.run.recipe), cfg)  # the recipe its config names
-            wall = _wall(run_dir, None if reused else time.perf_counter() - t0)
-            scores = _final_scores(run_dir)
-            curve = _curve(run_dir)
-            used = curve[-1][0] if curve else 0.0
-            norm = normalised(scores, base_scores, teacher_scores)
-            runs.append({"method": method, "seed": seed, "scores": scores, "normalised": norm,
-                         "mean_normalised": _mean(norm.values()), "samples": used,
-                         "wall_s": wall, "curve": ([] if method.startswith("merge_") else
-                                                   [(0.0, 0.0)]) + [
-                             (s, _mean(normalised(ev, base_scores, teacher_scores).values()))
-                             for s, ev in curve]})
-    result = {"base": base_scores, "teacher": teacher_scores, "runs": runs,
-              "domains": sorted(teacher_scores), "seeds": seeds,
-              "budget": base.compare.samples, "wall_s": time.perf_counter() - t_all}
-    write_outputs(out, result)
-    print(format_compare(result))
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare_samples.png'}")
+    runs, chosen = [], {}
+    for method in rows:
+        budget = plan(c.protocol, method, base, t_budget, domains)
+        sources = _sources(ctx, method)
+        lr = default_lr(ctx, method)
+        if c.lr_grid and method not in MERGES:
+            lr, grid = select_lr(ctx, method, budget, sources, eval_cfg)
+            chosen[method] = {"lr": lr, "validation": grid}
+        ctx.lrs[method] = lr
+        for seed in range(1 if method in MERGES else seeds):
+            runs.append(train_one(ctx, method, budget, lr, seed, sources))
+    result = {"protocol": c.protocol, "base": ctx.ref["base"], "teacher": ctx.ref["teacher"],
+              "runs": runs, "domains": domains, "seeds": seeds, "samples": c.samples,
+              "teacher_samples": t_budget, "lr_grid": chosen,
+              "excluded": report.excluded_domains(ctx.ref["base"], ctx.ref["teacher"]),
+              "wall_s": time.perf_counter() - t_all}
+    for note in report.exclusion_notes(result):
+        print(note, file=sys.stderr)
+    paths = report.write_outputs(out, result)
+    print(report.format_compare(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return result
+
+
+def _sources(ctx, method):
+    """seed -> (pi_0, teachers) of a method: the shared ones, the foreign teachers, or the
+    second round's (new teachers forked from that seed's MOPD student)."""
+    est = parse_mopd(method)
+    if est and est[1] == "foreign":
+        foreign = foreign_teachers(ctx)
+        return lambda seed: (ctx.pi0, foreign)
+    if est and est[1] == "round2":
+        def round2(seed):
+            first = f"mopd_{est[0]}"
+            student = _run_dir(ctx, first, ctx.lrs.get(first, default_lr(ctx, first)),
+                               seed) / "model"
+            if not (student / "model.json").is_file():
+                raise cfgmod.ConfigError(f"--second-round: needs the mopd_{est[0]} run "
+                                         f"{student.parent} (keep 'mopd' in compare.methods)")
+            return student, _second_round_teachers(ctx, student, seed)
+        return round2
+    return lambda seed: (ctx.pi0, ctx.teachers)
+
+
+def foreign_teachers(ctx) -> dict:
+    """Paper ablation: teachers RL-trained from another SFT base (another init and data
+    order: run.seed 1000), the same recipe and steps as the real ones."""
+    _, teachers, _ = demo.base_and_teachers(ctx.out / "compare" / "foreign", ctx.mode,
+                                            ctx.overrides + ["run.seed=1000"], ctx.cfg_path)
+    return teachers
+
+
+def _second_round_teachers(ctx, student, seed) -> dict:
+    """Paper 5.4: new GRPO teachers forked from the MOPD student, one per domain."""
+    teachers = {}
+    for d in sorted(ctx.teachers):
+        cfg = demo.phase_config(ctx.out, f"compare/round2/s{seed}/teacher_{d}", ctx.mode,
+                                ctx.overrides, ctx.cfg_path, **{
+            "run.recipe": "grpo", "run.init": str(student), "data.only_domains": f"[{d}]",
+            "optimizer.total_steps": ctx.mode["grpo"], "optimizer.lr": ctx.mode["grpo_lr"],
+            "run.seed": seed})
+        teachers[d] = run_phase(run_grpo, cfg)
+    return teachers
 
 
 def _wall(run_dir: Path, measured: float | None) -> float:
@@ -191,139 +331,58 @@ def _wall(run_dir: Path, measured: float | None) -> float:
     return measured
 
 
-def _second_round_teachers(out, mode, overrides, cfg_path, student, seed) -> dict:
-    """Paper 5.4: new GRPO teachers forked from the MOPD student, one per domain."""
-    base = demo.phase_config(out, "compare/round2", mode, overrides, cfg_path)
-    teachers = {}
-    for d in sorted(base.data.builtin or base.mopd.teachers):
-        cfg = demo.phase_config(out, f"compare/round2/s{seed}/teacher_{d}", mode, overrides,
-                                cfg_path, **{
-            "run.recipe": "grpo", "run.init": str(student), "data.only_domains": f"[{d}]",
-            "optimizer.total_steps": mode["grpo"], "optimizer.lr": mode["grpo_lr"],
-            "run.seed": seed})
-        teachers[d] = run_phase(run_grpo, cfg)
-    return teachers
+# ----------------------------------------------------------------------------- lr grid
+def validation_records(cfg) -> dict[str, list[dict]]:
+    """Per domain, the held-out records after the first data.eval_size (the test set): the
+    built-in eval split's next eval_size problems, or data.eval_files' next records."""
+    from mopd_jax.data import domains as builtin
+    from mopd_jax.data.sources import read_records
+
+    n = cfg.data.eval_size
+    pool: dict[str, list[dict]] = {d: builtin.generate(d, 2 * n, seed=0, split="eval")
+                                   for d in cfg.data.builtin}
+    for path in cfg.data.eval_files:
+        for r in read_records(path):
+            pool.setdefault(r["domain"], []).append(r)
+    out = {d: recs[n:2 * n] for d, recs in pool.items()}
+    empty = sorted(d for d, recs in out.items() if not recs)
+    if empty:
+        raise cfgmod.ConfigError(f"compare.lr_grid: domain(s) {empty} have no held-out records "
+                                 f"beyond the {n} test records (data.eval_size); add eval "
+                                 "records or lower data.eval_size")
+    return out
 
 
-# ----------------------------------------------------------------------------- outputs
-def _agg(runs, key):
-    vals = [r[key] for r in runs]
-    m = _mean(vals)
-    finite = [v for v in vals if v == v]
-    sd = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-    return m, sd
+def validation_scores(eval_cfg, model_dirs: dict, domains=None) -> dict:
+    """{key: {domain: greedy score}} of each model on the validation split."""
+    from mopd_jax.loading import load_model
+    from mopd_jax.recipes import common
+
+    run = common.setup(eval_cfg, resume=True, quiet=True)
+    run = dataclasses.replace(run, eval_records=validation_records(eval_cfg))
+    out = {}
+    for key, path in model_dirs.items():
+        loaded = load_model(checkpoint=str(path), mesh=run.mesh, role="sample")
+        out[key] = common.evaluate(run.with_model(loaded.graphdef, loaded.params, loaded.cfg),
+                                   loaded.params, (domains or {}).get(key))
+    return out
 
 
-def summary(result: dict) -> list[dict]:
-    """One row per method: mean and spread (sample std over seeds) of every column."""
-    rows = []
-    for method in dict.fromkeys(r["method"] for r in result["runs"]):
-        rs = [r for r in result["runs"] if r["method"] == method]
-        row = {"method": method, "name": METHODS[method], "seeds": len(rs)}
-        for d in result["domains"]:
-            row[f"{d}"] = _agg([{"v": r["scores"].get(d, float("nan"))} for r in rs], "v")
-            row[f"{d}_norm"] = _agg([{"v": r["normalised"][d]} for r in rs], "v")
-        row["mean_normalised"] = _agg(rs, "mean_normalised")
-        row["samples"] = _agg(rs, "samples")
-        row["wall_s"] = _agg(rs, "wall_s")
-        rows.append(row)
-    return rows
-
-
-def _pm(v, fmt="{:.3f}"):
-    m, sd = v
-    if m != m:
-        return "n/a"
-    return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd else "")
-
-
-def format_compare(result: dict) -> str:
-    doms = result["domains"]
-    head = ["method", *[f"{d} (norm)" for d in doms], "mean norm", "samples", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append("| pi_0 (SFT base) | " + " | ".join(
-        f"{result['base'][d]:.3f} (0)" for d in doms) + " | 0 | – | – |")
-    lines.append("| teachers | " + " | ".join(
-        f"{result['teacher'][d]:.3f} (1)" for d in doms) + " | 1 | – | – |")
-    for row in summary(result):
-        cells = [row["name"]]
-        cells += [f"{_pm(row[d])} ({_pm(row[f'{d}_norm'], '{:.2f}')})" for d in doms]
-        cells += [_pm(row["mean_normalised"]), _pm(row["samples"], "{:.0f}"),
-                  _pm(row["wall_s"], "{:.0f}")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_outputs(out: Path, result: dict) -> None:
-    with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "seed", "domain", "score", "normalised", "pi0", "teacher",
-                    "samples", "wall_s"])
-        for r in result["runs"]:
-            for d in result["domains"]:
-                w.writerow([r["method"], r["seed"], d, r["scores"].get(d, ""),
-                            r["normalised"][d], result["base"][d], result["teacher"][d],
-                            r["samples"], round(r["wall_s"], 1)])
-            w.writerow([r["method"], r["seed"], "mean", "", r["mean_normalised"], "", "",
-                        r["samples"], round(r["wall_s"], 1)])
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
-    plotted = _plot(out / "compare_samples.png", result)
-    md = [f"# mopd compare — {len(result['domains'])} domains, budget "
-          f"{result['budget']} samples per method, {result['seeds']} seed(s)", "",
-          "Greedy held-out reward per domain, normalised in parentheses (0 = pi_0, 1 = that "
-          "domain's teacher); mean over domains with equal weight; ± is the sample standard "
-          "deviation over seeds. Samples: student rollouts (teacher responses for Off-Policy "
-          "FT) actually consumed.", "", format_compare(result), ""]
-    reach = {m: first_reaching(result, m) for m in ("mopd", "mix_rl")
-             if any(r["method"] == m for r in result["runs"])}
-    if reach:
-        md += ["Samples until the mean normalised score first reached 0.9 (at the evaluation "
-               "points): " + ", ".join(f"{METHODS[m]} {'not reached' if v == math.inf else int(v)}"
-                                      for m, v in reach.items()), ""]
-    if plotted:
-        md += ["## Normalised score vs samples consumed", "", "![](compare_samples.png)", ""]
-    (out / "compare.md").write_text("\n".join(md))
-
-
-def _plot(path: Path, result: dict) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    any_curve = False
-    for method in dict.fromkeys(r["method"] for r in result["runs"]):
-        curves = [r["curve"] for r in result["runs"] if r["method"] == method and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        x = np.mean([[p[0] for p in c[:n]] for c in curves], 0)
-        y = np.mean([[p[1] for p in c[:n]] for c in curves], 0)
-        style = "o" if n == 1 else "-o"
-        ax.plot(x, y, style, label=METHODS[method], markersize=3)
-        any_curve = True
-    if not any_curve:
-        plt.close(fig)
-        return False
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(0.9, color="gray", lw=0.5, ls=":")
-    ax.set_xlabel("samples consumed")
-    ax.set_ylabel("mean normalised score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def first_reaching(result: dict, method: str, level: float = 0.9) -> float:
-    """Samples at which the seed-mean curve of ``method`` first reaches ``level`` (inf: never)."""
-    curves = [r["curve"] for r in result["runs"] if r["method"] == method and r["curve"]]
-    if not curves:
-        return math.inf
-    n = min(len(c) for c in curves)
-    for i in range(n):
-        if np.mean([c[i][1] for c in curves]) >= level:
-            return float(np.mean([c[i][0] for c in curves]))
-    return math.inf
+def select_lr(ctx, method, budget, sources, eval_cfg) -> tuple[float, dict]:
+    """Seed 0 at every compare.lr_grid rate; the best mean normalised validation score wins
+    (normalised by pi_0's and the teachers' validation scores). Returns (lr, {lr: score})."""
+    if "val_ref" not in ctx.ref:
+        ref = validation_scores(eval_cfg, {"base": ctx.pi0, **{
+            f"t_{d}": p for d, p in ctx.teachers.items()}}, {f"t_{d}": [d] for d in ctx.teachers})
+        ctx.ref["val_ref"] = {"base": ref["base"],
+                              "teacher": {d: ref[f"t_{d}"][d] for d in ctx.teachers}}
+    grid = {}
+    for lr in ctx.base.compare.lr_grid:
+        run = train_one(ctx, method, budget, lr, 0, sources)
+        val = validation_scores(eval_cfg, {"m": Path(run["dir"]) / "model"})["m"]
+        grid[lr] = report.mean_finite(report.normalised(
+            val, ctx.ref["val_ref"]["base"], ctx.ref["val_ref"]["teacher"]).values())
+    best = max(grid, key=lambda k: (grid[k] == grid[k], grid[k]))
+    print(f"[{method}] lr grid on the validation split: " + ", ".join(
+        f"{k:g} -> {v:.3f}" for k, v in grid.items()) + f"; keeping {best:g}", file=sys.stderr)
+    return best, grid
