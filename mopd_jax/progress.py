@@ -118,7 +118,7 @@ class RunProgress:
         if not due:
             return
         parts = [f"[{self.desc}] step {step}/{self.total} ({100 * step / self.total:.0f}%)"]
-        rate = (step - self.start) / max(now - self._t0, 1e-9)  # first line: compile included
+        rate = 0.0
         if step > self._first_step + 1:  # the first step compiles: rates start after it
             # over the steps since the last line (or since the first step)
             t_ref, s_ref, n_ref = self._window
@@ -132,7 +132,12 @@ class RunProgress:
             parts.append(f"lr {lr:.2e}")
         if step_s is not None:
             parts.append(f"{step_s:.3g} s/step")
-        parts.append("done" if step >= self.total else f"ETA {fmt_duration(self.eta(step, rate))}")
+        if step >= self.total:
+            parts.append("done")
+        elif step == self._first_step + 1:
+            parts.append("first step (compiles); ETA from the next line")
+        else:
+            parts.append(f"ETA {fmt_duration(self.eta(step, rate))}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def note(self, text: str) -> None:

@@ -66,15 +66,20 @@ def _train(args):
     if cfg.optimizer.warmup_steps > cfg.optimizer.total_steps:
         from mopd_jax.config import ConfigError
         raise ConfigError(validate.schedule_message(cfg))
-    initialize_distributed()  # multi-process launch: before anything touches a device
-    enable_compilation_cache()
-    try:
+    from mopd_jax.recipes.common import recorded_config
+    from mopd_jax.run_dir import check_out_dir, check_resume
+    out = check_out_dir(cfg, args.resume)
+    try:  # before any work: a changed trajectory is refused, a finished run left alone
         with allowing_config_change(args.allow_config_change):
-            result = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)  # checked on load
+            check_resume(recorded_config(cfg), out, args.resume)
     except AlreadyFinished as e:
         print(f"mopd train: {e}", file=sys.stderr)
         print_summary(e.out, time.perf_counter() - t0, None)
         return
+    initialize_distributed()  # multi-process launch: before anything touches a device
+    enable_compilation_cache()
+    with allowing_config_change(args.allow_config_change):
+        result = recipe_fn(cfg.run.recipe)(cfg, resume=args.resume)  # checked on load
     if result.stopped:
         raise KeyboardInterrupt
     print_summary(result.out, time.perf_counter() - t0, result.elapsed)

@@ -61,7 +61,7 @@ class Run:
     model_cfg: ModelConfig | None = None
     init_params: nnx.State | None = None  # pi_0 as loaded (frozen: 'self' teacher, KL ref)
     engine: Engine | None = None  # the student's rollout engine (shapes of pi_0)
-    config_changes: tuple = ()  # trajectory fields a resume changed (--allow-config-change)
+    header: str = ""  # printed when the loop starts (a failed start prints only its error)
 
     def domain_ids(self, names) -> np.ndarray:
         return np.asarray([self.domains.index(d) for d in names], np.int32)
@@ -133,9 +133,7 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
     Inputs are validated before anything is written, so a bad config or data file leaves no
     half-made run directory behind.
     """
-    init_cfg = validate.init_model_config(cfg.run.init) if cfg.run.init else None
-    if init_cfg is not None:  # run.init decides the student: the recorded config says so
-        cfg = dataclasses.replace(cfg, model=init_cfg)
+    cfg = recorded_config(cfg)
     tok = load_tokenizer(cfg)
     vocab = getattr(tok, "vocab_size", None)
     if vocab is not None and vocab > cfg.model.vocab_size:
@@ -148,19 +146,24 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
         [x for v in located_eval.values() for x in v],
         lambda r: encode_prompt(tok, r), list(mesh.devices.flat))
     out = prepare_out_dir(cfg, resume)
-    changes = run_dir.check_resume(cfg, out, resume)
     rewards_line = configure_rewards(cfg.rewards)  # an isolation that cannot run fails here
+    header = ""
     if not quiet and is_primary():
         procs = jax.process_count()
-        print(f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out} ({mesh.size} devices, {procs} "
-              f"process{'es' if procs > 1 else ''})\n# {rewards_line}\n"
-              + format_config(cfgmod.to_dict(cfg)), file=sys.stderr)
-        for w in warnings:
-            print(w, file=sys.stderr)
+        header = "\n".join([
+            f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out} ({mesh.size} devices, {procs} "
+            f"process{'es' if procs > 1 else ''})", f"# {rewards_line}",
+            format_config(cfgmod.to_dict(cfg)), *warnings])
     train = {k: [r for _, r in v] for k, v in located_train.items()}
     evals = {k: [r for _, r in v] for k, v in located_eval.items()}
     all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
-    return Run(cfg, out, mesh, tok, all_domains, train, evals, config_changes=changes)
+    return Run(cfg, out, mesh, tok, all_domains, train, evals, header=header)
+
+
+def recorded_config(cfg: Config) -> Config:
+    """``cfg`` as the run records it: with run.init, the init's model (it decides the student)."""
+    init_cfg = validate.init_model_config(cfg.run.init) if cfg.run.init else None
+    return dataclasses.replace(cfg, model=init_cfg) if init_cfg is not None else cfg
 
 
 def init_student(run: Run) -> Run:
@@ -347,6 +350,13 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     cfg = run.cfg
     ckpt = RunCheckpointer(run.out / "checkpoints", max_to_keep=cfg.run.keep_checkpoints)
     start, loop = 0, Loop()
+    try:  # refused unless --allow-config-change (mopd train checks this before any work)
+        changes = run_dir.check_resume(cfg, run.out, resume)
+    except run_dir.AlreadyFinished:
+        loop.finished_before = True
+        return state, loop
+    if run.header:
+        print(run.header, file=sys.stderr, flush=True)
     if resume and ckpt.latest_step() is not None:
         start, state, extra = ckpt.restore(abstract_like(state))
         pipeline.set_state(extra["data"])
@@ -356,7 +366,7 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     elif resume and is_primary():
         print(f"--resume: no checkpoint in {run.out / 'checkpoints'}; starting from step 0",
               file=sys.stderr)
-    run_dir.start(cfg, run.out, run.config_changes, start, is_primary())
+    run_dir.start(cfg, run.out, changes, start, is_primary())
     if store is not None and start:
         store.truncate_to_step(start)
     writer = (MetricsWriter(run.out, resume_step=start if resume else None) if is_primary()

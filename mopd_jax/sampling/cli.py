@@ -26,7 +26,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="local Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="DIR", help="mopd (Orbax) model checkpoint")
-    src.add_argument("--preset", help=argparse.SUPPRESS)  # random init, for tests and benches
+    src.add_argument("--preset", metavar="NAME",
+                     help="a named architecture with random weights, for smoke tests and "
+                          "benchmarks (tiny, tiny-moe, demo-moe, qwen3-0.6b, ...)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--tokens", metavar="IDS", help="comma-separated prompt token ids")
@@ -40,7 +42,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, metavar="N",
                    help="samples of the prompt, sharing one prefill (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="request seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (tokens, log-probs, text) instead of the text")
     p.set_defaults(run=run_generate)
     return p
 
