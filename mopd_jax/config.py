@@ -576,7 +576,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                           f"{e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e}); fix the syntax at the reported line")
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{p}: not valid YAML ({where}{what}); fix the syntax there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return data
