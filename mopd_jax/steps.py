@@ -31,15 +31,23 @@ def token_logprobs_step(graphdef, params, tokens_BT, *, temperature: float = 1.0
 
 
 # ----------------------------------------------------------------------------- scoring
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg"))
-def score_step(graphdef, params, tokens_BT, *, loss_cfg):
+def _rules(mesh, role: str):
+    """The role's activation sharding rules on ``mesh`` (nothing without a mesh)."""
+    from mopd_jax.sharding import use_rules
+    return use_rules(mesh, role) if mesh is not None else contextlib.nullcontext()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "mesh"))
+def score_step(graphdef, params, tokens_BT, *, loss_cfg, mesh=None):
     """What ``loss_cfg.estimator`` needs from a teacher for ``tokens_BT`` (shifted: position t
-    scores token t+1). One compiled function for every teacher: params are arguments."""
+    scores token t+1). One compiled function for every teacher: params are arguments. With
+    ``mesh``, activations follow the teacher role's sharding rules."""
     from mopd_jax.estimators import score_teacher
 
-    model = nnx.merge(graphdef, params)
-    hidden, _, _ = model(tokens_BT[:, :-1])
-    return score_teacher(loss_cfg, hidden, model.lm_head_weight(), tokens_BT[:, 1:])
+    with _rules(mesh, "teacher"):
+        model = nnx.merge(graphdef, params)
+        hidden, _, _ = model(tokens_BT[:, :-1])
+        return score_teacher(loss_cfg, hidden, model.lm_head_weight(), tokens_BT[:, 1:])
 
 
 # ----------------------------------------------------------------------------- training
@@ -141,11 +149,13 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
 
 
 def _split_microbatches(batch, k: int):
+    """[B, ...] -> [k, B/k, ...], strided: microbatch j holds rows j, j + k, j + 2k, ... so
+    that each spans every batch shard (a contiguous split would put each on one shard)."""
     def split(x):
         if x.shape[0] % k:
             raise ValueError(f"optimizer.microbatches={k} must divide the batch size "
                              f"{x.shape[0]}")
-        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
 
 
@@ -153,15 +163,13 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
                     state_shardings=None, batch_shardings=None, mesh=None, role="train"):
     """``train_step(state, batch) -> (state, metrics)``, jitted once, state donated.
 
-    Gradients are accumulated over ``microbatches`` sequential slices of the batch (their mean,
-    so with per-sequence-mean losses it equals one big batch). A step whose loss or gradients
-    are not finite leaves params and optimizer state untouched and increments ``skipped``.
+    Gradients are accumulated in float32 (whatever the parameter dtype) over ``microbatches``
+    strided slices of the batch (their mean, so with per-sequence-mean losses it equals one big
+    batch). A step whose loss or gradients are not finite leaves params and optimizer state
+    untouched and increments ``skipped``.
     """
-    from mopd_jax.sharding import use_rules
-
     def loss_fn(params, batch):
-        ctx = use_rules(mesh, role) if mesh is not None else contextlib.nullcontext()
-        with ctx:
+        with _rules(mesh, role):
             return objective(nnx.merge(graphdef, params), batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -171,16 +179,22 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
         if microbatches == 1:
             (loss, metrics), grads = grad_fn(params, batch)
         else:
+            f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(  # noqa: E731
+                x.dtype, jnp.floating) else x
+
             def body(acc, mb):
                 (l, m), g = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, acc, (l, m, g)), None
+                return jax.tree.map(lambda a, b: a + f32(b), acc, (l, m, g)), None
             mbs = _split_microbatches(batch, microbatches)
             first = jax.tree.map(lambda x: x[0], mbs)
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
-            zeros = ((zeros[0][0], zeros[0][1], zeros[1]))
+            shapes = jax.eval_shape(grad_fn, params, first)
+            acc_dtype = lambda d: jnp.float32 if jnp.issubdtype(d, jnp.floating) else d  # noqa
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)),
+                                 (shapes[0][0], shapes[0][1], shapes[1]))
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
-            loss, metrics, grads = jax.tree.map(lambda x: x / microbatches,
-                                                (loss, metrics, grads))
+            loss, metrics = jax.tree.map(lambda x: x / microbatches, (loss, metrics))
+            grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads,
+                                 params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
@@ -195,11 +209,59 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
                    "skipped_steps": new_state["skipped"], "finite": finite}
         return new_state, metrics
 
+    if state_shardings is None and mesh is not None:
+        return _ExplicitShardings(step, mesh, role)
     kw = {}
     if state_shardings is not None:
         kw["in_shardings"] = (state_shardings, batch_shardings)
         kw["out_shardings"] = (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), **kw)
+
+
+class _ExplicitShardings:
+    """``step`` jitted with explicit in/out shardings taken from the first call's arguments:
+    the state keeps the shardings it has, host batch arrays shard their leading axis over the
+    role's batch axes (device arrays keep theirs), metrics come back replicated."""
+
+    def __init__(self, step, mesh, role: str):
+        self.step, self.mesh, self.role, self._jitted = step, mesh, role, {}
+
+    def _for(self, state, batch):
+        from mopd_jax.sharding import batch_sharding
+
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        devices = set(self.mesh.devices.flat)
+
+        def of_batch(x):
+            if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+                return x.sharding
+            n = getattr(x, "ndim", 0)
+            if n == 0:
+                return replicated
+            s = batch_sharding(self.mesh, n, self.role)
+            try:
+                s.shard_shape(x.shape)  # raises when the batch axes do not divide the rows
+                return s
+            except ValueError:
+                return replicated
+
+        s_state = state_shardings_of(state)
+        s_batch = jax.tree.map(of_batch, batch)
+        key = (jax.tree.structure(state), jax.tree.structure(batch),
+               tuple(jax.tree.leaves(s_batch)))
+        if key not in self._jitted:
+            fn = jax.jit(self.step, donate_argnums=(0,), in_shardings=(s_state, s_batch),
+                         out_shardings=(s_state, replicated))
+            self._jitted[key] = (fn, s_batch)
+        return self._jitted[key]
+
+    def __call__(self, state, batch):
+        fn, s_batch = self._for(state, batch)
+        return fn(state, jax.device_put(batch, s_batch))
+
+    def lower(self, state, batch):
+        return self._for(state, batch)[0].lower(state, batch)
 
 
 def state_shardings_of(state):
