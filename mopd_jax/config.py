@@ -221,6 +221,9 @@ class MOPDConfig(EstimatorKnobs):
     """Teacher for domains without one ('self' or a checkpoint dir); '' makes them an error."""
     placement: typing.Literal["resident", "host"] = "resident"
     """Teachers all on the mesh, or held in host memory and moved in per use."""
+    score_rows: int = 0
+    """Rows per teacher call (one compiled shape per length bucket; bounds the score step's
+    memory at long rows). 0 = all of a teacher's rows in one call, padded to a power of two."""
     prompts_per_step: int = 32
     """Prompts per step."""
     samples_per_prompt: int = 1
@@ -233,6 +236,7 @@ class MOPDConfig(EstimatorKnobs):
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "mopd.prompts_per_step", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "mopd.samples_per_prompt", "must be >= 1")
+        _check(self.score_rows >= 0, "mopd.score_rows", "must be >= 0 (0 = one call per teacher)")
         try:
             self._check_knobs("mopd")
         except ValueError as e:

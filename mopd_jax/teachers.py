@@ -42,7 +42,8 @@ def _source_kwargs(src: str) -> dict:
 
 
 def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
-                  placement: str = "resident", student_tokenizer=None) -> "TeacherPool":
+                  placement: str = "resident", student_tokenizer=None,
+                  score_rows: int = 0) -> "TeacherPool":
     """Load every distinct teacher named in ``routes`` / ``fallback``; check vocabularies.
 
     ``student`` is ``(graphdef, params, cfg)`` of pi_0; 'self' reuses those params (frozen).
@@ -76,7 +77,8 @@ def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
         if placement == "host":
             params = shd.to_host(params)  # whole on every host, also when sharded across hosts
         teachers[name] = Teacher(name, loaded.graphdef, params, loaded.cfg.vocab_size)
-    return TeacherPool(dict(routes), fallback or None, teachers, mesh=mesh, placement=placement)
+    return TeacherPool(dict(routes), fallback or None, teachers, mesh=mesh, placement=placement,
+                       score_rows=score_rows)
 
 
 def short_name(name: str) -> str:
@@ -105,9 +107,10 @@ class TeacherPool:
     """Domain -> teacher routing and scoring (see module docstring)."""
 
     def __init__(self, routes: dict[str, str], fallback: str | None,
-                 teachers: dict[str, Teacher], *, mesh=None, placement: str = "resident"):
+                 teachers: dict[str, Teacher], *, mesh=None, placement: str = "resident",
+                 score_rows: int = 0):
         self.routes, self.fallback, self.teachers = routes, fallback, teachers
-        self.mesh, self.placement = mesh, placement
+        self.mesh, self.placement, self.score_rows = mesh, placement, score_rows
 
     def route(self, domains) -> list[str]:
         """The teacher name of each sample (hard routing by its domain)."""
@@ -131,38 +134,53 @@ class TeacherPool:
               lengths=None) -> TeacherScores:
         """Teacher scores of every row from its own domain's teacher (numpy, targets t+1).
 
-        Batched per teacher with buckets: its rows are padded to a power of two (>= 8) and,
+        Batched per teacher with buckets: its rows go in calls of ``score_rows`` rows
+        (``mopd.score_rows``; 0 = one call of all its rows, padded to a power of two >= 8) and,
         when ``lengths`` (each row's prompt + response length) is given, its columns are cut
         to a power of two (>= 16) covering its longest row, so short rollouts are not scored
-        at the full row width and only a few shapes ever compile. Positions past a row's
-        length hold zeros (they are masked in every loss).
+        at the full row width and only one compiled shape per length bucket exists.
+        Positions past a row's length hold zeros (they are masked in every loss).
         Fields the estimator marks ``stacked`` (C's ``w``) come stacked per teacher [M, ...]
-        with ``teacher_index_B`` naming each row's teacher.
+        with ``teacher_index_B`` naming each row's teacher; C's teacher hidden states stay on
+        device (sharded like the batch), the small per-token fields come to the host.
         """
         names = self.route(domains)
         B, T = tokens_BT.shape
         order = sorted(set(names))
         stacked = estimators.get(loss_cfg.estimator).stacked  # one per teacher, not per row
-        parts: dict[str, np.ndarray] = {}
+        parts: dict[str, object] = {}
         per_teacher: dict[str, list] = {f: [] for f in stacked}
         for name in order:
             t = self.teachers[name]
             rows = np.asarray([i for i, n in enumerate(names) if n == name])
             width = T if lengths is None else min(T, _bucket(int(np.max(lengths[rows])), 16))
-            padded = np.zeros((_bucket(len(rows)), width), tokens_BT.dtype)
-            padded[:len(rows)] = tokens_BT[rows, :width]
             params = self._params_of(t)
-            out = score_step(t.graphdef, params, padded, loss_cfg=loss_cfg)
-            for field, value in out._asdict().items():
-                if field in stacked:
-                    per_teacher[field].append(value)
-                    continue
-                if value is None or field == "teacher_index_B":
-                    continue
-                value = shd.to_host(value)
-                full = (B, value.shape[1] + T - width, *value.shape[2:])  # time axis: T or T-1
-                buf = parts.setdefault(field, np.zeros(full, value.dtype))
-                buf[rows, :value.shape[1]] = value[:len(rows)]
+            chunk = self.score_rows or _bucket(len(rows))
+            for c0 in range(0, len(rows), chunk):
+                part = rows[c0:c0 + chunk]
+                padded = np.zeros((chunk, width), tokens_BT.dtype)
+                padded[:len(part)] = tokens_BT[part, :width]
+                out = score_step(t.graphdef, params, padded, loss_cfg=loss_cfg, mesh=self.mesh)
+                for field, value in out._asdict().items():
+                    if field in stacked:
+                        if c0 == 0:
+                            per_teacher[field].append(value)
+                        continue
+                    if value is None or field == "teacher_index_B":
+                        continue
+                    full = (B, value.shape[1] + T - width, *value.shape[2:])  # T or T-1
+                    if field == "hidden_BTD":  # [B, T, D]: stays on device
+                        buf = parts.get(field)
+                        if buf is None:
+                            buf = jax.numpy.zeros(full, value.dtype)
+                            if self.mesh is not None:
+                                buf = jax.device_put(buf, shd.batch_sharding(self.mesh, 3,
+                                                                             "teacher"))
+                        parts[field] = buf.at[part, :value.shape[1]].set(value[:len(part)])
+                        continue
+                    value = shd.to_host(value)
+                    buf = parts.setdefault(field, np.zeros(full, value.dtype))
+                    buf[part, :value.shape[1]] = value[:len(part)]
         scores = TeacherScores(**parts)
         if stacked:
             import jax.numpy as jnp

@@ -179,7 +179,8 @@ def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> commo
     op, m = cfg.offpolicy, cfg.mopd
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
-                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
+                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer,
+                         score_rows=m.score_rows)
     pool.route(sorted(run.train_records))  # every domain has a teacher (or a clear error)
     pipeline = common.make_pipeline(run, op.prompts_per_step)
     opt, state = common.new_train_state(run)

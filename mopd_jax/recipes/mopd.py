@@ -45,7 +45,8 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
     run = common.init_student(run)
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
-                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer)
+                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer,
+                         score_rows=m.score_rows)
     loss_cfg = loss_config(run)
     n = m.samples_per_prompt
     if loss_cfg.orm_alpha != 0.0 and n < 2:
