@@ -272,8 +272,11 @@ def _domains(cfg) -> tuple[str, ...]:
 
 
 def default_score_rows(cfg, batch: int) -> int:
-    """Rows of one teacher call: the pool pads each teacher's rows to a power of two (>= 8);
-    its share of the batch is the largest domain weight (equal shares when none are set)."""
+    """Rows of one teacher call: ``mopd.score_rows`` when set, else the pool pads each
+    teacher's rows to a power of two (>= 8); its share of the batch is the largest domain
+    weight (equal shares when none are set)."""
+    if cfg.mopd.score_rows:
+        return cfg.mopd.score_rows
     w = {d: cfg.data.weights.get(d, 0.0) for d in _domains(cfg)} if cfg.data.weights else {}
     share = max(w.values()) / sum(w.values()) if w else 1 / len(_domains(cfg))
     rows, b = math.ceil(batch * share), 8
@@ -338,7 +341,7 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
               "decode": live["train_state"] + live["pi_0"] + n_resident * live["teacher"]}
 
     def score_fn(p, tokens):
-        return score_step(graphdef, p, tokens, loss_cfg=loss_cfg)
+        return score_step(graphdef, p, tokens, loss_cfg=loss_cfg, mesh=mesh)
 
     n_dev = mesh.size
     for name in steps:
@@ -365,7 +368,7 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
         elif name == "score":
             tokens = jax.ShapeDtypeStruct((rows, T), jnp.int32)
             r = compile_step("score", score_step, (graphdef, t_params, tokens),
-                             {"loss_cfg": loss_cfg}, n_dev=n_dev)
+                             {"loss_cfg": loss_cfg, "mesh": mesh}, n_dev=n_dev)
             r["model_flops"] = forward_flops(mcfg, rows * (T - 1), T - 1)
         else:
             _, s_params = abstract_params(mcfg, mesh, "sample")
