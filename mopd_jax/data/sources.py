@@ -41,10 +41,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 def read_located(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """``read_records`` with where each record is: ``file:line`` or ``file: record i``."""
     path = Path(path)
-    ext = _format(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give a data file (.jsonl, .parquet, "
                         ".array_record)")
+    ext = _format(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path")
     if ext in JSONL:
