@@ -1,8 +1,8 @@
 """`mopd compare`: MOPD and every baseline from one pi_0 and one set of teachers.
 
 Layout under ``--out``: ``sft/`` and ``teacher_<d>/`` (shared with `mopd demo`, reused when
-finished), then ``compare/<protocol>/<method>/lr<lr>/s<seed>/`` per method, learning rate and
-seed (``compare/merges/<method>/`` for the Param-Merges, ``compare/foreign/`` for the
+finished), then ``compare/<method>/n<budget>/lr<lr>/s<seed>/`` per method, budget, learning
+rate and seed, shared by the protocols (``compare/merges/<method>/`` for the Param-Merges, ``compare/foreign/`` for the
 foreign-teacher ablation's base and teachers, ``compare/round2/`` for the second round's
 teachers), and the outputs ``compare.md``, ``.csv``, ``.json`` and ``compare_samples.png``
 (``compare_equal_samples.*`` under that protocol).
@@ -197,16 +197,19 @@ def default_lr(ctx, method) -> float:
         else ctx.mode["mopd_lr"]
 
 
-def _run_dir(ctx, method, lr, seed) -> Path:
+def _run_dir(ctx, method, budget: Budget, lr, seed) -> Path:
+    """Keyed by what the run is (its budget, lr, seed), not by the protocol that asked for
+    it: MOPD's runs are the same under both protocols and are trained once."""
     if method in MERGES:
         return ctx.out / "compare" / "merges" / method
-    return ctx.out / "compare" / ctx.protocol / method / f"lr{lr:g}" / f"s{seed}"
+    key = f"n{budget.samples}" + "".join(f"-{d}{b}" for d, b in budget.stages.items())
+    return ctx.out / "compare" / method / key / f"lr{lr:g}" / f"s{seed}"
 
 
 def train_one(ctx, method, budget, lr, seed, sources) -> dict:
     """Run (or reuse) one (method, lr, seed); its scores, steps, samples and curve."""
     pi0, teachers = sources(seed)
-    run_dir = _run_dir(ctx, method, lr, seed)
+    run_dir = _run_dir(ctx, method, budget, lr, seed)
     cfg = method_config(method, budget, lr, run_dir, ctx, seed, pi0, teachers)
     reused = (run_dir / "model" / "model.json").is_file()
     t0 = time.perf_counter()
@@ -291,8 +294,8 @@ def _sources(ctx, method):
     if est and est[1] == "round2":
         def round2(seed):
             first = f"mopd_{est[0]}"
-            student = _run_dir(ctx, first, ctx.lrs.get(first, default_lr(ctx, first)),
-                               seed) / "model"
+            student = _run_dir(ctx, first, plan(ctx.protocol, first, ctx.base, {}, []),
+                               ctx.lrs.get(first, default_lr(ctx, first)), seed) / "model"
             if not (student / "model.json").is_file():
                 raise cfgmod.ConfigError(f"--second-round: needs the mopd_{est[0]} run "
                                          f"{student.parent} (keep 'mopd' in compare.methods)")
