@@ -61,16 +61,26 @@ def _megablox(x_MK, w_GKN, gs):
     tm = min(128, _round_up(M, 8))
     Mp = _round_up(M, tm)
     xp = jnp.pad(x_MK, ((0, Mp - M), (0, 0))) if Mp != M else x_MK
-    tiling = (tm, min(512, K), min(512, N))
+    tiling = (tm, *(_kn_tile(K, N),) * 2)
     interpret = jax.default_backend() != "tpu" and not _tracing_for_tpu()
     return _megablox_gmm(xp, w_GKN, gs, tiling, interpret)[:M]
+
+
+def _kn_tile(K: int, N: int) -> int:
+    """One k/n tile for the forward and both gradients (which swap K and N): a multiple of 128
+    (Mosaic's lane width) dividing both where one does; the kernel masks ragged edges."""
+    for t in (512, 256, 128):
+        if K % t == 0 and N % t == 0:
+            return t
+    return 128 if min(K, N) >= 128 else min(K, N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _megablox_gmm(x_MK, w_GKN, gs, tiling, interpret):
     mb = _megablox_module()
-    # tiles past the last group are never written by the kernel: zero them
-    return _row_mask(mb.gmm(x_MK, w_GKN, gs, x_MK.dtype, tiling, interpret=interpret), gs)
+    with _kernel_precision(x_MK.dtype):
+        y = mb.gmm(x_MK, w_GKN, gs, x_MK.dtype, tiling, interpret=interpret)
+    return _row_mask(y, gs)  # tiles past the last group are never written by the kernel
 
 
 def _megablox_fwd(x_MK, w_GKN, gs, tiling, interpret):
@@ -80,13 +90,23 @@ def _megablox_fwd(x_MK, w_GKN, gs, tiling, interpret):
 def _megablox_bwd(tiling, interpret, res, dy_MN):
     mb = _megablox_module()
     x_MK, w_GKN, gs = res
-    dx = mb.gmm(dy_MN, w_GKN, gs, x_MK.dtype, tiling, transpose_rhs=True, interpret=interpret)
-    dw = mb.tgmm(x_MK.swapaxes(0, 1), dy_MN, gs, w_GKN.dtype, tiling, None, w_GKN.shape[0],
-                 interpret=interpret)
+    with _kernel_precision(x_MK.dtype):
+        dx = mb.gmm(dy_MN, w_GKN, gs, x_MK.dtype, tiling, transpose_rhs=True,
+                    interpret=interpret)
+        dw = mb.tgmm(x_MK.swapaxes(0, 1), dy_MN, gs, w_GKN.dtype, tiling, None,
+                     w_GKN.shape[0], interpret=interpret)
     return _row_mask(dx, gs), dw, None
 
 
 _megablox_gmm.defvjp(_megablox_fwd, _megablox_bwd)
+
+
+def _kernel_precision(dtype):
+    """bf16 operands at the default matmul precision: Mosaic refuses a bf16 dot asked for
+    'highest' (a global ``jax_default_matmul_precision``), which bf16 inputs gain nothing from."""
+    import contextlib
+    return (jax.default_matmul_precision("default") if dtype == jnp.bfloat16
+            else contextlib.nullcontext())
 
 
 def _megablox_module():

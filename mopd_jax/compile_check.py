@@ -13,9 +13,11 @@ that carry the run's shardings on the target's mesh: no weight is ever materiali
 
 Per device it prints XLA's ``memory_analysis()`` (arguments, outputs, donated aliases, temps,
 code) plus the buffers that stay live beside each step without being its arguments (train
-state, pi_0, resident teachers), against the chip's HBM; and FLOPs: the analytic model count
-(``bench.step.model_flops``) and XLA's ``cost_analysis()``, which counts a loop body once (the
-microbatch loop is scaled by its trip count here; the chunked-loss loops are not). Times are
+state, pi_0, resident teachers), against the chip's HBM; and FLOPs (``mopd_jax.flops``): the
+analytic model count (causal attention as the pairs a query sees, MoE by its active experts)
+beside the matmul FLOPs of the compiled HLO, every loop body counted once per trip (XLA's own
+``cost_analysis()`` counts it once: a layer scan or the microbatch loop undercounts there) and
+Pallas kernels (megablox, splash) by the cost estimate they hand XLA. Times are
 lower bounds: FLOPs at the chip's peak, bytes at its HBM bandwidth, whichever is longer.
 Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
@@ -212,17 +214,6 @@ def device_bytes(tree, n_dev: int = 1) -> float:
     return total
 
 
-# ----------------------------------------------------------------------------- FLOPs
-def forward_flops(model_cfg, tokens: int, context: int) -> float:
-    """Analytic forward FLOPs of ``tokens`` positions each attending to ``context`` keys."""
-    from mopd_jax.bench.step import active_matmul_params
-    c = model_cfg
-    attn = sum(2 * c.num_heads * (c.head_dim + c.value_dim)  # QK^T and PV per key position
-               * (context if c.layer_type(i) == "full" else min(context, c.sliding_window))
-               for i in range(c.num_layers))
-    return (2 * active_matmul_params(c) + attn) * tokens
-
-
 # ----------------------------------------------------------------------------- compiling
 _OOM = re.compile(r"(?:required[^(]*\(([\d.]+)([KMGT])\)[^(]*available HBM \(([\d.]+)([KMGT])\))"
                   r"|(?:Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm)", re.S)
@@ -257,11 +248,16 @@ def compile_step(name: str, jitted, args, kwargs=None, *, n_dev: int,
     mem = compiled.memory_analysis()
     m = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
          ("argument", "output", "alias", "temp", "generated_code")}
+    from mopd_jax import flops
+    hlo = flops.hlo_flops(compiled.as_text())
     cost = compiled.cost_analysis() or {}
     return {"step": name, "compiled": True, "compile_s": time.perf_counter() - t0, **m,
             "xla_bytes": m["argument"] + m["output"] - m["alias"] + m["temp"]
             + m["generated_code"],
-            "xla_flops": float(cost.get("flops", 0.0)) * loop_trips,
+            "xla_flops": hlo["flops"], "cost_analysis_flops": flops.cost_analysis_flops(compiled),
+            "hlo_flops_by_kind": {k: hlo[k] for k in ("dot", "conv", "custom_call")},
+            "hlo_loops": [t for _, t in hlo["loops"]],
+            "unknown_trip_loops": len(hlo["unknown_trips"]),
             "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)) * loop_trips,
             "loop_trips": loop_trips}
 
@@ -291,7 +287,8 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
     import jax.numpy as jnp
 
     from mopd_jax import sharding as shd
-    from mopd_jax.bench.step import active_matmul_params, model_flops
+    from mopd_jax import flops
+    from mopd_jax.flops import active_matmul_params
     from mopd_jax.config import ConfigError
     from mopd_jax.recipes import common
     from mopd_jax.sampling import Engine
@@ -364,12 +361,12 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
             step = make_train_step(graphdef, opt, distill_objective(
                 loss_cfg, aux_coef=mcfg.router_aux_loss_coef), microbatches=k, mesh=mesh)
             r = compile_step("train", step, (state, batch), n_dev=n_dev, loop_trips=k)
-            r["model_flops"] = model_flops(mcfg, B, T - 1)
+            r["model_flops"] = flops.train_flops(mcfg, B, T - 1)
         elif name == "score":
             tokens = jax.ShapeDtypeStruct((rows, T), jnp.int32)
             r = compile_step("score", score_step, (graphdef, t_params, tokens),
                              {"loss_cfg": loss_cfg, "mesh": mesh}, n_dev=n_dev)
-            r["model_flops"] = forward_flops(mcfg, rows * (T - 1), T - 1)
+            r["model_flops"] = flops.forward_flops(mcfg, rows, T - 1)
         else:
             _, s_params = abstract_params(mcfg, mesh, "sample")
             engine = Engine(graphdef, s_params, max_concurrent_decodes=cfg.rollout.slots,
@@ -379,7 +376,7 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
             dstate = jax.tree.map(_sds, dstate, engine._state_shardings)
             # the engine's own jit: its donation and out_shardings are part of what is checked
             r = compile_step("decode", engine._generate_jit, (s_params, dstate), n_dev=n_dev)
-            r["model_flops"] = forward_flops(mcfg, cfg.rollout.slots, T)
+            r["model_flops"] = flops.decode_flops(mcfg, cfg.rollout.slots, T)
         r["other_live_bytes"] = others[name]
         report["steps"][name] = _judge(r, target, n_dev)
     report["verdict"] = _verdict(report, target)
@@ -397,6 +394,8 @@ def _judge(r: dict, target: Target, n_dev: int) -> dict:
     return {**r, "need_bytes": need, "hbm_bytes": hbm, "fits": need <= hbm,
             "xla_over_model": r.get("xla_flops", 0.0) * n_dev / r["model_flops"],
             "over_bytes": max(need - hbm, 0), "flops_per_device": flops,
+            "mfu_at_bound": r["model_flops"] / n_dev / target.chip.peak_flops
+            / max(compute_s, hbm_s),
             "compute_s": compute_s, "hbm_s": hbm_s, "time_s": max(compute_s, hbm_s)}
 
 
@@ -484,17 +483,20 @@ def format_report(rep: dict, config: str) -> str:
     lines += ["  sizes in binary units (G = GiB); +live: buffers live beside the step that are "
               "not its arguments (train state, pi_0, resident teachers)", ""]
     lines.append(f"{'per call':<16}{'FLOP/dev':>10}{'model':>9}{'XLA':>9}{'XLA/model':>10}"
-                 f"{'at peak':>11}{'bytes':>9}{'at HBM BW':>11}{'bound':>11}{'compile':>9}")
+                 f"{'at peak':>11}{'bytes':>9}{'at HBM BW':>11}{'bound':>11}{'MFU':>6}"
+                 f"{'compile':>9}")
     for name, r in steps.items():
         xla = (f"{_si(r['xla_flops']):>9}{r['xla_over_model']:9.2f}x" if r["compiled"]
                else f"{'-':>9}{'-':>10}")
         lines.append(f"{_LABEL[name]:<16}{_si(r['flops_per_device']):>10}"
                      f"{_si(r['model_flops'] / t['chips']):>9}{xla}{_secs(r['compute_s']):>11}"
                      f"{_si(r['hbm_s'] * t['hbm_bw']):>9}{_secs(r['hbm_s']):>11}"
-                     f"{_secs(r['time_s']):>11}{r['compile_s']:8.0f}s")
+                     f"{_secs(r['time_s']):>11}{r['mfu_at_bound']:6.0%}{r['compile_s']:8.0f}s")
     lines.append("  FLOP/dev = max(model / devices, XLA): the model count, or what XLA compiled "
-                 "when that is more (replicated or dense work); XLA counts a loop body once "
-                 "(the microbatch loop is scaled by its trips, chunked-loss loops are not)")
+                 "when that is more (replicated or dense work); XLA = matmul FLOPs of the "
+                 "compiled HLO, loop bodies once per trip, Pallas kernels by their cost "
+                 "estimates; model: causal attention, active experts; MFU = model FLOPs / "
+                 "(bound x peak)")
     e = rep["estimate"]
     if {"sample_s", "score_s", "train_s"} <= set(e):
         lines.append(f"mopd step >= {_secs(e['total_s'])}: sampling {_secs(e['sample_s'])} "

@@ -168,10 +168,12 @@ def _doc():
          "result": {"env": env, "bandwidth": {"copy": 2.4e10}, "iters": 3, "rows": [sample_row]}},
         {"name": "moe", "bench": "moe", "command": "mopd bench moe --iters 3", "wall_s": 60.0,
          "result": {"env": env, "tokens": 128, "layers": 1, "E": 128, "k": 8, "hidden": 2048,
-                    "expert_ffn": 768, "dtype": "float32", "iters": 3,
-                    "ragged_ms": _spread(8460.0, 8269.0, 8600.0),
-                    "dense_ms": _spread(2688.0, 2102.0, 2700.0),
-                    "x_spread": _spread(0.32, 0.25, 0.33), "max_abs_diff": 1.1e-6}},
+                    "expert_ffn": 768, "dtype": "float32", "iters": 3, "mode": "train",
+                    "dense_ms": _spread(26880.0, 21020.0, 27000.0),
+                    "impls": {"blocked": {"ms": _spread(3000.0, 2900.0, 3100.0),
+                                          "x_dense": _spread(8.96, 7.2, 9.1),
+                                          "max_abs_diff": 1.1e-6,
+                                          "grad_max_abs_diff": 2.2e-6}}}},
     ]
     return {"command": "mopd bench all --json out.json --iters 3", "env": env, "quick": False,
             "runs": runs, "wall_s": 399.0, "load_end": [0.5, 0.4, 0.3]}
@@ -202,8 +204,8 @@ def test_markdown_names_every_command_the_date_and_the_environment():
             "`matmul (ynn) f32[16,1024] x f32[151936,1024] -> f32[16,151936]` |") in lines
     assert "776 thread-ms busy per 400 ms step; matmuls 24% of it" in md
     assert "max abs diff |" in md
-    assert "| E=128 k=8 D=2048 F=768 | 128 × 1 | 8460 (8269–8600) | 2688 (2102–2700) | " \
-           "0.32 (0.25–0.33)× | 1.1e-06 |" in lines
+    assert "| E=128 k=8 D=2048 F=768 | 128 × 1 | blocked | 3000 (2900–3100) | " \
+           "26880 (21020–27000) | 8.96 (7.20–9.10)× | 1.1e-06 | 2.2e-06 |" in lines
 
 
 def test_update_readme_replaces_only_the_generated_block(tmp_path):

@@ -28,7 +28,9 @@ RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
                    "128", "--objective", "mopd-A")),
     ("sample-tiny", ("sample", "--models", "tiny", "--batches", "1,16")),
     ("sample-0.6b", ("sample", "--models", "qwen3-0.6b", "--batches", "1,16", "--profile")),
-    ("moe", ("moe", "--tokens", "128", "--layers", "1")),
+    ("step-sft-28", ("step", "--model", "qwen3-0.6b", "--layers", "0", "--batch", "4",
+                     "--seq", "128")),
+    ("moe", ("moe", "--tokens", "512", "--layers", "1", "--impls", "blocked")),
 )
 TIMED = {"step", "sample", "moe"}
 # --quick: the same runs at toy sizes (seconds, for a smoke test of the pipeline); what a run
@@ -42,7 +44,7 @@ QUICK = {
     "sample": ("--models", "tiny", "--batches", "1,2", "--prompt-len", "8", "--new-tokens",
                "4", "--copy-mb", "16"),
     "moe": ("--tokens", "16", "--experts", "8", "--top-k", "2", "--hidden", "64",
-            "--expert-ffn", "32"),
+            "--expert-ffn", "32", "--impls", "blocked"),
 }
 
 

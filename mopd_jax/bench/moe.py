@@ -1,9 +1,13 @@
-"""``mopd bench moe``: ragged (sort + grouped matmul) MoE dispatch vs the dense reference path.
+"""``mopd bench moe``: the MoE implementations (``model.moe_impl``) against the dense reference.
 
-Both paths run the same Qwen3-30B-A3B-shaped expert layers (E=128, k=8, D=2048, F=768) on the
-same tokens in one process, timed in ``--iters`` interleaved rounds (ragged, dense, ...) after a
-warm-up of each; the figure is the dense/ragged time ratio (higher = ragged faster), median
-(min-max) round by round, and the outputs' max difference, which must be at float32 round-off.
+Every implementation runs the same Qwen3-30B-A3B-shaped expert layers (E=128, k=8, D=2048,
+F=768) on the same tokens in one process: a training call (forward and the gradients of a
+scalar loss with respect to the input and every weight) or, with ``--mode fwd``, the forward
+alone. Timed in ``--iters`` interleaved rounds (each impl, then dense, ...) after a warm-up;
+the figure is dense time / impl time (higher = faster than dense), median (min-max) round by
+round, and the largest difference of outputs and gradients from dense (float32 round-off).
+``blocked`` is the CPU path ``auto`` picks; ``ragged`` (``lax.ragged_dot``) is masked dense
+work over every expert on XLA:CPU.
 """
 
 from __future__ import annotations
@@ -15,22 +19,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import preset
-from models.moe import MoE
+from models.moe import MoE, resolve_impl
 from mopd_jax.bench import fmt, interleaved, print_environment, ratios, scaled, spread
 
 
 def add_parser(sub):
-    p = sub.add_parser("moe", help="ragged vs dense MoE dispatch at Qwen3-30B-A3B expert shapes",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per layer call (B*T)")
-    p.add_argument("--layers", type=int, default=2, help="MoE layers chained")
+    p = sub.add_parser("moe", help="MoE implementations vs the dense path at Qwen3-30B-A3B "
+                       "expert shapes", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=512, help="tokens per layer call (B*T)")
+    p.add_argument("--layers", type=int, default=1, help="MoE layers chained")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--expert-ffn", type=int, default=768)
+    p.add_argument("--impls", default="auto",
+                   help="comma-separated moe_impl values timed against dense (auto = this "
+                        "backend's: blocked on CPU)")
+    p.add_argument("--mode", choices=["train", "fwd"], default="train",
+                   help="train: forward + gradients; fwd: forward only")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.set_defaults(run=run)
+
+
+def _max_diff(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def run(args) -> dict:
@@ -42,42 +57,55 @@ def run(args) -> dict:
     graphdef, states = nnx.split(nnx.List(blocks))
     x = jax.random.normal(jax.random.key(0), (1, args.tokens, cfg.hidden_size),
                           jnp.float32).astype(cfg.dtype)
+    impls = [resolve_impl(i.strip()) for i in args.impls.split(",") if i.strip()]
 
     def make(impl):
-        @jax.jit
-        def f(states, x):
+        def forward(states, x):
             mods = nnx.merge(graphdef, states)
             for m in mods:
                 m.cfg = m.cfg.replace(moe_impl=impl)
                 y, _ = m(x)
                 x = x + y
             return x
-        return f
 
-    ragged, dense = make("ragged"), make("dense")
-    fns = {"ragged": lambda: jax.block_until_ready(ragged(states, x)),
-           "dense": lambda: jax.block_until_ready(dense(states, x))}
+        if args.mode == "fwd":
+            return jax.jit(forward)
+        return jax.jit(lambda s, x: jax.value_and_grad(
+            lambda s, x: jnp.sum(jnp.sin(forward(s, x))), argnums=(0, 1))(s, x))
+
+    fns = {}
+    for impl in impls + ["dense"]:
+        f = make(impl)
+        fns[impl] = lambda f=f: jax.block_until_ready(f(states, x))
     for fn in fns.values():
         fn()  # compile + warm
     times, out = interleaved(fns, args.iters)
-    diff = float(jnp.max(jnp.abs(out["ragged"][-1].astype(jnp.float32)
-                                 - out["dense"][-1].astype(jnp.float32))))
-    t_r, t_d = spread(times["ragged"]), spread(times["dense"])
-    x = spread(ratios(times["dense"], times["ragged"]))
-    flops_active = 2 * 3 * args.tokens * args.top_k * cfg.hidden_size * cfg.moe_intermediate_size
+    t_dense = spread(times["dense"])
+    rows = {}
+    for impl in impls:
+        t = spread(times[impl])
+        x_d = spread(ratios(times["dense"], times[impl]))
+        ours, ref = out[impl][-1], out["dense"][-1]
+        rows[impl] = {"ms": scaled(t, 1e3), "x_dense": x_d,
+                      "max_abs_diff": _max_diff(ours if args.mode == "fwd" else ours[0],
+                                                ref if args.mode == "fwd" else ref[0]),
+                      "grad_max_abs_diff": None if args.mode == "fwd"
+                      else _max_diff(ours[1], ref[1])}
+    flops_active = (3 if args.mode == "train" else 1) * 2 * 3 * args.tokens * args.top_k \
+        * cfg.hidden_size * cfg.moe_intermediate_size * args.layers
     res = {"env": env, "tokens": args.tokens, "layers": args.layers, "E": cfg.num_experts,
            "k": cfg.num_experts_per_tok, "hidden": cfg.hidden_size,
            "expert_ffn": cfg.moe_intermediate_size, "dtype": args.dtype, "iters": args.iters,
-           "ragged_s": t_r["median"], "dense_s": t_d["median"],
-           "ragged_ms": scaled(t_r, 1e3), "dense_ms": scaled(t_d, 1e3),
-           "speedup_dense_over_ragged": x["median"], "x_spread": x, "max_abs_diff": diff,
-           "ragged_active_gflops": flops_active * args.layers / t_r["median"] / 1e9,
-           "device": jax.devices()[0].device_kind}
-    print(f"MoE dispatch, E={cfg.num_experts} k={cfg.num_experts_per_tok} D={cfg.hidden_size} "
-          f"F={cfg.moe_intermediate_size}, {args.tokens} tokens x {args.layers} layers, "
-          f"{args.dtype}, {res['device']}; {args.iters} interleaved rounds, median (min-max)")
-    print(f"  ragged (sort + ragged_dot): {fmt(res['ragged_ms'], '.2f')} ms   "
-          f"({res['ragged_active_gflops']:.1f} GFLOP/s on active experts)")
-    print(f"  dense reference           : {fmt(res['dense_ms'], '.2f')} ms")
-    print(f"  ratio dense/ragged        : {fmt(x, '.2f')}x   max |diff| {diff:.2e}")
+           "mode": args.mode, "dense_ms": scaled(t_dense, 1e3), "impls": rows,
+           "active_gflop": flops_active / 1e9, "device": jax.devices()[0].device_kind}
+    print(f"MoE layer, {args.mode}, E={cfg.num_experts} k={cfg.num_experts_per_tok} "
+          f"D={cfg.hidden_size} F={cfg.moe_intermediate_size}, {args.tokens} tokens x "
+          f"{args.layers} layers, {args.dtype}, {res['device']}; {args.iters} interleaved "
+          f"rounds, median (min-max); {res['active_gflop']:.1f} GFLOP on the active experts")
+    print(f"  {'dense (reference)':<18}: {fmt(res['dense_ms'], '.0f')} ms")
+    for impl, r in rows.items():
+        grad = "" if r["grad_max_abs_diff"] is None else \
+            f", gradients {r['grad_max_abs_diff']:.1e}"
+        print(f"  {impl:<18}: {fmt(r['ms'], '.0f')} ms = {fmt(r['x_dense'], '.2f')}x dense; "
+              f"max |diff| outputs {r['max_abs_diff']:.1e}{grad}")
     return res

@@ -111,16 +111,24 @@ def _loss(res: dict) -> list[str]:
 
 def _step(res: dict) -> list[str]:
     head = ["objective", "model (layers)", "B × T", "ours ms/step", "ours tok/s",
-            "% of peak matmul", "torch ms/step", "× torch", "first loss ours / torch"]
+            "% of peak matmul (MFU)", "torch ms/step", "× torch", "first loss ours / torch"]
     torch = "torch_step_ms" in res
+    fb = "x_torch_fwd_bwd_spread" in res  # measured since the causal FLOP count
     row = [res["objective"], f"{res['model']} ({res['layers']})", f"{res['batch']} × {res['seq']}",
            fmt(res["step_ms"]), fmt(res["tok_s_spread"]), fmt(res["pct_peak_spread"]),
            fmt(res["torch_step_ms"]) if torch else "-",
            fmt(res["x_torch_spread"], ".2f") + "×" if torch else "-",
            f"{res['loss']:.4f} / {res['torch_loss']:.4f}" if torch else "-"]
+    if fb:
+        head[7:7] = ["torch fwd+bwd ms", "× torch fwd+bwd"]
+        row[7:7] = [fmt(res["torch_fwd_bwd_ms"]), fmt(res["x_torch_fwd_bwd_spread"], ".2f") + "×"]
+    if "xla_over_model" in res:
+        head.append("compiled / model FLOPs")
+        row.append(f"{res['xla_over_model']:.2f}")
+    counted = ("model FLOPs with causal attention (pairs a query sees); " if fb else "")
     return [f"{res['dtype']}, peak matmul {res['peak_flops'] / 1e9:.1f} GFLOP/s measured in the "
-            f"same run; {res['iters']} rounds; targets ≥ 40% of peak, ≥ 1× torch.", ""] \
-        + _table(head, [row])
+            f"same run; {counted}{res['iters']} rounds; targets ≥ 40% of peak, ≥ 1× torch.",
+            ""] + _table(head, [row])
 
 
 def _sample(res: dict) -> list[str]:
@@ -181,13 +189,21 @@ def _profile(r: dict) -> list[str]:
 
 
 def _moe(res: dict) -> list[str]:
-    row = [f"E={res['E']} k={res['k']} D={res['hidden']} F={res['expert_ffn']}",
-           f"{res['tokens']} × {res['layers']}", fmt(res["ragged_ms"], ".0f"),
-           fmt(res["dense_ms"], ".0f"), fmt(res["x_spread"], ".2f") + "×",
-           f"{res['max_abs_diff']:.1e}"]
-    return [f"{res['dtype']}, {res['iters']} rounds.", ""] + _table(
-        ["experts", "tokens × layers", "ragged ms", "dense ms", "dense / ragged time",
-         "max abs diff"], [row])
+    shape = f"E={res['E']} k={res['k']} D={res['hidden']} F={res['expert_ffn']}"
+    where = f"{res['tokens']} × {res['layers']}"
+    if "impls" not in res:  # measured before moe_impl had more than ragged and dense
+        res = dict(res, mode="fwd", impls={"ragged": {
+            "ms": res["ragged_ms"], "x_dense": res["x_spread"],
+            "max_abs_diff": res["max_abs_diff"], "grad_max_abs_diff": None}})
+    rows = [[shape, where, impl, fmt(r["ms"], ".0f"), fmt(res["dense_ms"], ".0f"),
+             fmt(r["x_dense"], ".2f") + "×", f"{r['max_abs_diff']:.1e}",
+             "-" if r.get("grad_max_abs_diff") is None else f"{r['grad_max_abs_diff']:.1e}"]
+            for impl, r in res["impls"].items()]
+    mode = ("forward + gradients of every weight and the input" if res["mode"] == "train"
+            else "forward only")
+    return [f"{res['dtype']}, {mode}, {res['iters']} rounds.", ""] + _table(
+        ["experts", "tokens × layers", "impl", "impl ms", "dense ms", "dense / impl time",
+         "max abs diff", "grads max abs diff"], rows)
 
 
 _RENDER = {"loss": _loss, "step": _step, "sample": _sample, "moe": _moe}
