@@ -1,4 +1,4 @@
-"""Run logging: per-step scalars to ``metrics.jsonl`` and TensorBoard, progress bars, config print.
+"""Run logging: per-step scalars to ``metrics.jsonl`` and TensorBoard, config print (progress: progress.py).
 
 ``metrics.jsonl`` holds one JSON object per step, ``{"step": S, "mopd/kl/math": 0.12, ...}``,
 each line flushed and fsynced; non-finite values are written as ``null``. TensorBoard event
@@ -182,32 +182,6 @@ def per_domain(metrics: Mapping[str, Any], domains: Sequence[str]) -> dict[str, 
                              f"{len(domains)} domains {list(domains)}")
         out.update({f"{prefix}/{d}": a[i] for i, d in enumerate(domains)})
     return out
-
-
-class Progress:
-    """A tqdm bar on stderr with rate and ETA; silent unless stderr is a TTY or ``force``."""
-
-    def __init__(self, total: int | None, desc: str = "", *, force: bool = False,
-                 unit: str = "it"):
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                         disable=not (force or sys.stderr.isatty()))
-
-    def update(self, n: int = 1, **postfix) -> None:
-        """Advance by ``n``; keyword arguments show after the bar (e.g. ``loss=0.3``)."""
-        if postfix:
-            self._bar.set_postfix(postfix, refresh=False)
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _flatten(obj, prefix: str = "") -> list[tuple[str, Any]]:

@@ -115,4 +115,18 @@ def test_every_verb_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
-        assert "usage: mopd " + verb in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: mopd " + verb in out
+        assert f"example:\n  mopd {verb}" in out, out  # every verb shows an example
+        assert "``" not in out  # module docstrings as help lose their markup
+    for verb, flag in (("score", "--preset NAME"), ("generate", "--preset NAME"),
+                       ("train", "--allow-config-change")):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert flag in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    assert "(default: 3)" in capsys.readouterr().out  # defaults are shown
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("mopd-jax ")
