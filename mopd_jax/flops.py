@@ -79,7 +79,7 @@ def decode_flops(cfg: ModelConfig, tokens: int, context: int) -> float:
 
 # ----------------------------------------------------------------------------- HLO
 _COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _ARRAY = re.compile(r"^[a-z]+\d*\[([\d,]*)\]")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)"
                      r"=%?([\w.\-]+)")
@@ -120,7 +120,7 @@ def _split_operands(rest: str) -> tuple[list[str], str]:
 
 
 def _parse(text: str) -> tuple[dict, str | None]:
-    """{computation: [(name, shape, opcode, operands, attrs)]} and the entry's name."""
+    """{computation: [(name, shape, opcode, operands, attrs, text, is_root)]}, the entry."""
     comps: dict[str, list] = {}
     entry, cur = None, None
     for line in text.splitlines():
@@ -138,13 +138,53 @@ def _parse(text: str) -> tuple[dict, str | None]:
         mi = _INSTR.match(line)
         if not mi:
             continue
-        parsed = _shape_and_op(mi.group(2))
+        parsed = _shape_and_op(mi.group(3))
         if not parsed:
             continue
         shape, op, rest = parsed
         operands, attrs = _split_operands(rest)
-        cur.append((mi.group(1), shape, op, operands, attrs))
+        cur.append((mi.group(2), shape, op, operands, attrs, rest, bool(mi.group(1))))
     return comps, entry
+
+
+def _constant(instr, scope: dict) -> int | None:
+    """The integer an instruction holds: a constant, through copies and bitcasts."""
+    while instr is not None and instr[2] in ("copy", "bitcast", "convert") and instr[3]:
+        instr = scope.get(instr[3][0])
+    if instr is None or instr[2] != "constant":
+        return None
+    m = re.match(r"\s*(-?\d+)\)", instr[5])
+    return int(m.group(1)) if m else None
+
+
+def _inferred_trips(comps: dict, caller: dict, while_instr) -> int | None:
+    """Trips of a counted loop whose condition is ``i < N`` (``i <= N``) on a tuple element
+    that starts at a constant and steps by one, as ``fori_loop`` and ``scan`` lower (XLA:TPU
+    does not annotate ``known_trip_count``); None if the loop is not of that form."""
+    cond = re.search(r"condition=%?([\w.\-]+)", while_instr[4])
+    body = comps.get(cond.group(1), []) if cond else []
+    by_name = {i[0]: i for i in body}
+    root = next((i for i in body if i[6]), None)
+    if root is None or root[2] != "compare" or len(root[3]) != 2:
+        return None
+    direction = re.search(r"direction=(\w+)", root[4])
+    a, b = (by_name.get(o) for o in root[3])
+    if direction and direction.group(1) in ("GT", "GE"):
+        a, b = b, a
+        op = {"GT": "LT", "GE": "LE"}[direction.group(1)]
+    else:
+        op = direction.group(1) if direction else None
+    bound = _constant(b, by_name)
+    if op not in ("LT", "LE") or bound is None or a is None or a[2] != "get-tuple-element":
+        return None
+    index = int(re.search(r"index=(\d+)", a[4]).group(1))
+    init_tuple = caller.get(while_instr[3][0]) if while_instr[3] else None
+    start = 0
+    if init_tuple is not None and init_tuple[2] == "tuple" and index < len(init_tuple[3]):
+        start = _constant(caller.get(init_tuple[3][index]), caller)
+        if start is None:
+            return None
+    return max(bound - start + (op == "LE"), 0)
 
 
 def _dot_flops(out, lhs, attrs) -> float:
@@ -183,7 +223,9 @@ def hlo_flops(text: str) -> dict:
             return memo[name]
         memo[name] = {k: 0.0 for k in kinds}  # recursion guard
         shapes, tot = {}, {k: 0.0 for k in kinds}
-        for iname, shape, op, operands, attrs in comps.get(name, []):
+        caller = {i[0]: i for i in comps.get(name, [])}
+        for instr in comps.get(name, []):
+            iname, shape, op, operands, attrs = instr[:5]
             shapes[iname] = _dims(shape)
             out = shapes[iname]
             ins = [shapes.get(o) for o in operands]
@@ -203,9 +245,10 @@ def hlo_flops(text: str) -> dict:
             trips = 1
             if op == "while":
                 mt = _TRIPS.search(attrs)
-                trips = int(mt.group(1)) if mt else 1
+                known = int(mt.group(1)) if mt else _inferred_trips(comps, caller, instr)
+                trips = 1 if known is None else known
                 body = next((c for c, r in callees if r == "body"), iname)
-                (loops if mt else unknown).append((body, trips))
+                (loops if known is not None else unknown).append((body, trips))
             for c, role in callees:
                 if role == "condition":
                     continue

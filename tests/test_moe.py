@@ -122,7 +122,7 @@ def test_without_a_mesh_every_impl_equals_dense():
     graphdef, state = nnx.split(MoE(cfg, nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(2), (2, 5, cfg.hidden_size))
     y_ref, g_ref = _loss_and_grads(cfg, state, graphdef, x, None)
-    for impl in ("auto", "blocked", "ragged"):  # megablox: interpret mode is slow; above
+    for impl in ("auto", "ragged"):  # auto is blocked on CPU; megablox (interpret): above
         y, g = _loss_and_grads(_cfg("softmax", impl), state, graphdef, x, None)
         _close(y, y_ref, impl)
         _close(g, g_ref, impl)

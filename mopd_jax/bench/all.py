@@ -30,7 +30,7 @@ RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sample-0.6b", ("sample", "--models", "qwen3-0.6b", "--batches", "1,16", "--profile")),
     ("step-sft-28", ("step", "--model", "qwen3-0.6b", "--layers", "0", "--batch", "4",
                      "--seq", "128")),
-    ("moe", ("moe", "--tokens", "512", "--layers", "1", "--impls", "blocked")),
+    ("moe", ("moe", "--tokens", "128", "--layers", "1", "--impls", "blocked")),
 )
 TIMED = {"step", "sample", "moe"}
 # --quick: the same runs at toy sizes (seconds, for a smoke test of the pipeline); what a run
