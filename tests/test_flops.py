@@ -1,6 +1,8 @@
 """FLOP accounting: causal attention counts the pairs a query sees, a train step is 3 forwards,
 and the HLO count multiplies a loop body by its trips (XLA's cost_analysis counts it once)."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -47,3 +49,25 @@ def test_hlo_flops_equal_dots_and_count_loop_bodies_per_trip():
     h = flops.hlo_flops(comp.as_text())
     assert h["flops"] == 3 * 7 * one and [t for _, t in h["loops"]] == [7, 7]
     assert flops.cost_analysis_flops(comp) < 7 * one  # XLA's own count: each body once
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_hlo_flops_read_tpu_trip_counts_from_the_loop_condition():
+    """XLA:TPU does not annotate known_trip_count: the count comes from ``i < N``."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from mopd_jax import compile_check as cc
+
+    chip = NamedSharding(Mesh(cc.target_devices(cc.parse_topology("v5p-8"))[:1], ("x",)), P())
+    x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=chip)
+    ws = jax.ShapeDtypeStruct((7, 256, 256), jnp.bfloat16, sharding=chip)
+
+    def layers(x, ws):
+        return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)[0]
+
+    hlo = jax.jit(jax.grad(lambda x, ws: layers(x, ws).astype(jnp.float32).sum(), 1)).lower(
+        x, ws).compile().as_text()
+    assert "known_trip_count" not in hlo
+    h = flops.hlo_flops(hlo)
+    assert not h["unknown_trips"] and sorted(t for _, t in h["loops"]) == [7, 7]
+    assert h["flops"] == 3 * 7 * 2 * 256**3
