@@ -40,8 +40,11 @@ _NEG = -1e30         # masked logit: finite, so exp(_NEG - _NEG) stays 1 and nev
 
 def resolve(impl: str, *, T: int, S: int, cached: bool, sinks: bool, window, same_width: bool,
             platform: str | None = None) -> str:
-    """The backend that will run for these shapes and features (``impl`` may be 'auto')."""
-    platform = platform or jax.default_backend()
+    """The backend that will run for these shapes and features (``impl`` may be 'auto').
+
+    The platform is that of the active mesh (``models.layers.current_sharding``; a libtpu
+    compile-only mesh is 'tpu' in a CPU process), else JAX's default backend."""
+    platform = platform or _platform()
     if impl == "auto":
         if platform == "tpu" and not cached:
             impl = "splash"
@@ -56,6 +59,15 @@ def resolve(impl: str, *, T: int, S: int, cached: bool, sinks: bool, window, sam
     if impl == "pallas_gpu" and (cached or sinks or window is not None or not same_width):
         return "blockwise"
     return impl
+
+
+def _platform() -> str:
+    from models.layers import current_sharding
+
+    ctx = current_sharding()
+    if ctx is not None and ctx.mesh is not None:
+        return ctx.mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 def attend(q_BTHd, k_BKSd, v_BKSe, *, q_pos_BT, k_pos_BS, k_valid_BS=None, window=None,
