@@ -155,6 +155,11 @@ class LazyStore:
             self._store = RolloutStore(self.path, max_len=self.max_len)
         return self._store
 
+    def create(self) -> None:
+        """Create the (empty) store now: the loop starts, so it exists even if no step keeps a
+        rollout (readers such as offpolicy.source=store find an empty store, not none)."""
+        self._get()
+
     def append(self, **kw):
         return self._get().append(**kw)
 

@@ -367,8 +367,10 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
         print(f"--resume: no checkpoint in {run.out / 'checkpoints'}; starting from step 0",
               file=sys.stderr)
     run_dir.start(cfg, run.out, changes, start, is_primary())
-    if store is not None and start:
-        store.truncate_to_step(start)
+    if store is not None:
+        getattr(store, "create", lambda: None)()
+        if start:
+            store.truncate_to_step(start)
     writer = (MetricsWriter(run.out, resume_step=start if resume else None) if is_primary()
               else NullWriter())
 
