@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.decoder import layer_groups, scans
 import models
 from mopd_jax import sharding as shd
 
@@ -64,6 +65,32 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     return ModelConfig(**d)
 
 
+def _saved_top_keys(params_dir: Path) -> set:
+    try:
+        meta = ocp.StandardCheckpointer().metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return set(tree.keys()) if hasattr(tree, "keys") else set()
+    except Exception:  # unreadable metadata: the restore below reports it
+        return set()
+
+
+def stack_layers(unrolled: dict, cfg: ModelConfig, target):
+    """An unrolled model's pure-dict params (``layers``: {i: ...}) in the scanned layout
+    (``blocks``: {g: [n, ...]}) on ``target``'s shardings (pure dict or nnx State of
+    ShapeDtypeStructs)."""
+    out = {k: v for k, v in unrolled.items() if k != "layers"}
+    layers = {int(i): v for i, v in unrolled["layers"].items()}
+    want = (target if isinstance(target, dict) else nnx.to_pure_dict(target))["blocks"]
+    out["blocks"] = {}
+    for g, (first, n) in enumerate(layer_groups(cfg)):
+        stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs),
+                               *[layers[first + j] for j in range(n)])
+        out["blocks"][g] = jax.tree.map(lambda x, w: jax.device_put(x, w.sharding), stacked,
+                                        want[g])
+    return out
+
+
 def load_model_params(directory: str | Path, mesh, role: str = "train"):
     """(cfg, graphdef, state) restored from ``directory`` onto ``mesh`` in ``role``'s layout."""
     directory = Path(directory).absolute()
@@ -72,8 +99,17 @@ def load_model_params(directory: str | Path, mesh, role: str = "train"):
     target = abstract_with_shardings(abs_state, mesh, role)
     if not (directory / "params").is_dir():
         raise CheckpointError(f"{directory / 'params'}: missing; the checkpoint is partial")
+    unrolled = None
+    if scans(cfg) and "layers" in _saved_top_keys(directory / "params"):
+        # saved before the layer scan (or with scan_layers=false): restore unrolled, stack
+        unrolled = dataclasses.replace(cfg, scan_layers=False)
+        _, abs_unrolled = abstract_model(unrolled)
+        target = abstract_with_shardings(abs_unrolled, mesh, role)
     try:
         restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+        if unrolled is not None:
+            restored = stack_layers(restored, cfg, abstract_with_shardings(abs_state, mesh,
+                                                                           role))
     except Exception as e:  # orbax raises many types for partial/corrupt data
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         raise CheckpointError(f"{directory / 'params'}: cannot restore ({type(e).__name__}: "

@@ -102,6 +102,12 @@ def _check_target(target):
     return jax.tree_util.tree_map_with_path(one, target)
 
 
+def _layer_layout(tree) -> str | None:
+    """'scanned' (a ``blocks`` stack), 'unrolled' (``layers``) or None (no model in it)."""
+    parts = {p for k in _flat(tree) for p in k.split("/")}
+    return "scanned" if "blocks" in parts else "unrolled" if "layers" in parts else None
+
+
 def _mismatch(saved_meta, target) -> str | None:
     """How the saved tree differs from the target (paths, shapes, dtypes), or None."""
     saved, want = _flat(saved_meta), _flat(target)
@@ -256,6 +262,12 @@ class RunCheckpointer:
         except Exception as e:  # orbax raises many types for unreadable metadata
             raise _Corrupt(f"unreadable metadata: {_one_line(e)}") from None
         diff = _mismatch(saved_meta, target)
+        layout = _layer_layout(saved_meta), _layer_layout(target)
+        if diff is not None and None not in layout and layout[0] != layout[1]:
+            raise RunCheckpointError(
+                f"{path}: saved with the layers {layout[0]} but this config runs them "
+                f"{layout[1]}; resume with --set model.scan_layers="
+                f"{'true' if layout[0] == 'scanned' else 'false'}")
         if diff is not None:
             raise RunCheckpointError(
                 f"{path}: the saved state does not match the restore target ({diff}); the model "
