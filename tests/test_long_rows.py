@@ -217,3 +217,30 @@ def test_unrolled_model_dir_loads_into_a_scanned_model(tmp_path):
     assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
     tok = jnp.arange(8)[None] % m0.cfg.vocab_size
     np.testing.assert_allclose(loaded(tok)[0], m0(tok)[0], atol=1e-5)
+
+
+def test_splash_is_the_attention_compiled_for_a_v5p_topology():
+    """A tiny bf16 model's train gradient, compiled with libtpu for a v5p compile-only mesh
+    (no TPU): attention 'auto' resolves to splash from the mesh's platform, and its forward
+    and both backward kernels are TPU custom calls in the HLO."""
+    import re
+
+    from mopd_jax import compile_check as cc
+    from mopd_jax import sharding as shd
+
+    mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1),
+                         devices=cc.target_devices(cc.parse_topology("v5p-8")))
+    cfg = preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, state = cc.abstract_params(cfg, mesh, "train")
+    tok = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
+
+    def loss(state, tok):
+        with shd.use_rules(mesh, "train"):
+            h, _, _ = nnx.merge(graphdef, state)(tok)
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    with jax.default_matmul_precision("default"):  # conftest's fp32 dots do not lower in Mosaic
+        hlo = jax.jit(jax.grad(loss)).lower(state, tok).compile().as_text()
+    assert "tpu_custom_call" in re.findall(r'custom_call_target="([^"]+)"', hlo)
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert kernel in hlo, kernel
