@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from models.config import ModelConfig
 
 
@@ -193,12 +195,32 @@ def _dot_flops(out, lhs, attrs) -> float:
     return 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
 
 
-def _conv_flops(out, rhs, attrs) -> float:
-    """2 * output elements * (kernel elements / kernel output features): a MAC per kernel
-    tap and input feature of a group (padding positions counted, as for a dot)."""
-    m = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-    o = m.group(1).index("o") if m and "o" in m.group(1) else len(rhs) - 1
-    return 2.0 * math.prod(out) * math.prod(rhs) / max(rhs[o], 1)
+def _conv_flops(out, lhs, rhs, attrs) -> float:
+    """2 * MACs of a convolution, padding taps excluded (as XLA's cost analysis counts them):
+    XLA:TPU writes batched dots as convolutions whose batch dims are padded spatial windows
+    (``size=8 pad=7_7``: one valid tap in eight), so a tap count per window would overcount."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not m:
+        return 2.0 * math.prod(out) * math.prod(rhs) / max(rhs[-1], 1)
+    lhs_l, rhs_l, out_l = m.groups()
+    spatial = sorted(c for c in rhs_l if c.isdigit())
+    win = {}
+    w = re.search(r"window=\{([^}]*)\}", attrs)
+    for part in (w.group(1).split() if w else []):
+        key, _, val = part.partition("=")
+        win[key] = val.split("x")
+    macs = math.prod(out) * rhs[rhs_l.index("i")]
+    for n, d in enumerate(spatial):
+        size = rhs[rhs_l.index(d)]
+        I, O = lhs[lhs_l.index(d)], out[out_l.index(d)]
+        lo = int(win["pad"][n].split("_")[0]) if "pad" in win else 0
+        stride = int(win["stride"][n]) if "stride" in win else 1
+        ld = int(win["lhs_dilate"][n]) if "lhs_dilate" in win else 1
+        rd = int(win["rhs_dilate"][n]) if "rhs_dilate" in win else 1
+        pos = (np.arange(O)[:, None] * stride + np.arange(size)[None, :] * rd - lo)
+        valid = int(np.sum((pos >= 0) & (pos <= (I - 1) * ld) & (pos % ld == 0)))
+        macs = macs / O * valid
+    return 2.0 * macs
 
 
 def _custom_call_flops(attrs) -> float:
@@ -231,8 +253,8 @@ def hlo_flops(text: str) -> dict:
             ins = [shapes.get(o) for o in operands]
             if op == "dot" and out is not None and ins and ins[0] is not None:
                 tot["dot"] += _dot_flops(out, ins[0], attrs)
-            elif op == "convolution" and out is not None and len(ins) > 1 and ins[1]:
-                tot["conv"] += _conv_flops(out, ins[1], attrs)
+            elif op == "convolution" and out is not None and len(ins) > 1 and all(ins[:2]):
+                tot["conv"] += _conv_flops(out, ins[0], ins[1], attrs)
             elif op == "custom-call":
                 tot["custom_call"] += _custom_call_flops(attrs)
             callees = [(c, role) for role, c in _CALLEE.findall(attrs)]

@@ -71,3 +71,29 @@ def test_hlo_flops_read_tpu_trip_counts_from_the_loop_condition():
     h = flops.hlo_flops(hlo)
     assert not h["unknown_trips"] and sorted(t for _, t in h["loops"]) == [7, 7]
     assert h["flops"] == 3 * 7 * 2 * 256**3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_hlo_flops_of_tpu_batched_dots_written_as_padded_convolutions():
+    """XLA:TPU writes attention's batched dots as convolutions over padded windows (one valid
+    tap in K): counted by valid taps, they equal the analytic count, gradients included."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from mopd_jax import compile_check as cc
+
+    chip = NamedSharding(Mesh(cc.target_devices(cc.parse_topology("v5p-8"))[:1], ("x",)), P())
+
+    def attention(q, k, v, w):
+        s = jnp.einsum("btkgh,bksh->bkgts", q, k)
+        p = jax.nn.softmax(s.astype(jnp.float32)).astype(q.dtype)
+        o = jnp.einsum("bkgts,bksh->btkgh", p, v)
+        return (jnp.einsum("btkgh,kghd->btd", o, w).astype(jnp.float32) ** 2).sum()
+
+    B, T, K, G, H, D = 2, 256, 2, 4, 128, 512
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=chip)  # noqa: E731
+    args = (sds(B, T, K, G, H), sds(B, K, T, H), sds(B, K, T, H), sds(K, G, H, D))
+    fwd = 2 * B * T * T * K * G * H * 2 + 2 * B * T * K * G * H * D
+    for fn, expect in ((attention, fwd), (jax.grad(attention, argnums=(0, 1, 2, 3)), 3 * fwd)):
+        hlo = jax.jit(fn).lower(*args).compile().as_text()
+        assert "pad=" in hlo and " convolution(" in hlo
+        assert flops.hlo_flops(hlo)["flops"] == expect
