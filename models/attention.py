@@ -39,7 +39,7 @@ _NEG = -1e30         # masked logit: finite, so exp(_NEG - _NEG) stays 1 and nev
 
 
 def resolve(impl: str, *, T: int, S: int, cached: bool, sinks: bool, window, same_width: bool,
-            platform: str | None = None) -> str:
+            platform: str | None = None, block: int | None = None) -> str:
     """The backend that will run for these shapes and features (``impl`` may be 'auto').
 
     The platform is that of the active mesh (``models.layers.current_sharding``; a libtpu
@@ -51,7 +51,7 @@ def resolve(impl: str, *, T: int, S: int, cached: bool, sinks: bool, window, sam
         elif platform == "gpu" and not cached:
             impl = "cudnn"
         else:
-            return "reference" if S <= BLOCK else "blockwise"
+            return "reference" if S <= (block or BLOCK) else "blockwise"
     if impl == "splash" and cached:
         return "blockwise"
     if impl == "cudnn" and (cached or sinks or not same_width):
@@ -71,7 +71,7 @@ def _platform() -> str:
 
 
 def attend(q_BTHd, k_BKSd, v_BKSe, *, q_pos_BT, k_pos_BS, k_valid_BS=None, window=None,
-           sinks_H=None, impl: str = "auto", cached: bool = False, block: int = BLOCK,
+           sinks_H=None, impl: str = "auto", cached: bool = False, block: int | None = None,
            interpret: bool = False):
     """Causal GQA attention: [B, T, H, Hd] queries over [B, K, S, Hd] keys and [B, K, S, Ve]
     values -> [B, T, H, Ve] (the values' dtype).
@@ -81,8 +81,9 @@ def attend(q_BTHd, k_BKSd, v_BKSe, *, q_pos_BT, k_pos_BS, k_valid_BS=None, windo
     """
     B, T, H, Hd = q_BTHd.shape
     K, S = k_BKSd.shape[1], k_BKSd.shape[2]
+    block = block or BLOCK
     impl = resolve(impl, T=T, S=S, cached=cached, sinks=sinks_H is not None, window=window,
-                   same_width=v_BKSe.shape[-1] == Hd)
+                   same_width=v_BKSe.shape[-1] == Hd, block=block)
     scale = 1.0 / math.sqrt(Hd)
     if impl == "reference":
         return reference(q_BTHd, k_BKSd, v_BKSe, q_pos_BT, k_pos_BS, k_valid_BS, window,

@@ -425,11 +425,15 @@ class Engine:
         def per_sample(x):  # [P, ...] -> [P * n, ...], row p repeated for its n samples
             return jnp.repeat(x, n, axis=0)
 
-        cache = []
-        for layer, p in zip(state.cache, prefix.cache):
-            bucket = p["k"].shape[2]
-            cache.append({k: layer[k].at[slots, :, :bucket].set(
-                per_sample(p[k].astype(layer[k].dtype)), mode="drop") for k in layer})
+        def put_rows(dst, src, axes):  # rows into slots, at the cache's batch/length axes
+            b, t = axes.index("batch"), axes.index("length")
+            idx = [slice(None)] * dst.ndim
+            idx[b], idx[t] = slots, slice(0, src.shape[t])
+            return dst.at[tuple(idx)].set(jnp.repeat(src.astype(dst.dtype), n, axis=b),
+                                          mode="drop")
+
+        cache = [{k: put_rows(layer[k], p[k], axes[k]) for k in layer}
+                 for layer, p, axes in zip(state.cache, prefix.cache, self._cache_axes)]
 
         def put(arr, vals):
             return arr.at[slots].set(vals, mode="drop")
