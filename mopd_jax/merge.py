@@ -21,6 +21,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from models.decoder import scans
+
 METHODS = ("average", "task_arithmetic", "ties")
 
 
@@ -43,6 +45,10 @@ def _ties_combine(trimmed: jax.Array) -> jax.Array:
     agree = (jnp.sign(trimmed) == sign) & (trimmed != 0)
     count = agree.sum(0)
     return jnp.where(count > 0, (trimmed * agree).sum(0) / jnp.maximum(count, 1), 0.0)
+
+
+def _layout(cfg) -> str:
+    return "scanned" if scans(cfg) else "unrolled"
 
 
 def merge_params(base, models: Sequence, method: str = "task_arithmetic", *, lam: float = 0.5,
@@ -115,9 +121,16 @@ def merge_checkpoints(base: str, models: Sequence[str], out: str | Path, method:
     (b, bpath), loaded = load(base, "--base"), [load(m, "--models") for m in models]
     for (m, path) in loaded:
         # Same architecture, family included; names and dtypes may differ.
+        # How a model runs (kernels, remat) is not its architecture; the layer layout is
+        # compared as scanned-or-not, the parameter trees must then line up.
         diff = [f.name for f in dataclasses.fields(b.cfg)
-                if f.name not in ("name", "dtype", "param_dtype")
+                if f.name not in ("name", "dtype", "param_dtype", "attention_impl", "remat",
+                                  "moe_impl", "scan_layers")
                 and getattr(m.cfg, f.name) != getattr(b.cfg, f.name)]
+        if scans(m.cfg) != scans(b.cfg):
+            raise MergeError(f"merge: {path} stores its layers {_layout(m.cfg)} but the base "
+                             f"{bpath} {_layout(b.cfg)} (model.scan_layers); merge their Hugging "
+                             "Face exports (`mopd convert --to hf`), which load alike")
         if diff:
             what = ", ".join(f"{f} {getattr(m.cfg, f)} vs {getattr(b.cfg, f)}" for f in diff[:3])
             raise MergeError(f"merge: {path} is a different architecture than the base {bpath} "
