@@ -24,6 +24,8 @@ LayerType = Literal["full", "sliding"]
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "megablox", "ragged", "blocked", "dense")
 SINK_LAYERS = ("none", "all", "sliding")
+RUNTIME_FIELDS = ("attention_impl", "scan_layers", "remat", "moe_impl")
+"""How a model runs, not what it is: settable on top of a checkpoint's own config."""
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn", "pallas_gpu")
 REMATS = ("none", "full", "save_dots", "save_attention", "offload")
 

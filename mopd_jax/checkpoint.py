@@ -91,25 +91,47 @@ def stack_layers(unrolled: dict, cfg: ModelConfig, target):
     return out
 
 
-def load_model_params(directory: str | Path, mesh, role: str = "train"):
-    """(cfg, graphdef, state) restored from ``directory`` onto ``mesh`` in ``role``'s layout."""
+def unstack_layers(scanned: dict, scanned_cfg: ModelConfig, target):
+    """The inverse of ``stack_layers``: ``blocks`` stacks back to ``layers`` {i: ...}."""
+    out = {k: v for k, v in scanned.items() if k != "blocks"}
+    want = (target if isinstance(target, dict) else nnx.to_pure_dict(target))["layers"]
+    out["layers"] = {}
+    for g, (first, n) in enumerate(layer_groups(scanned_cfg)):
+        block = scanned["blocks"][g] if g in scanned["blocks"] else scanned["blocks"][str(g)]
+        for j in range(n):
+            out["layers"][first + j] = jax.tree.map(
+                lambda x, w, j=j: jax.device_put(x[j], w.sharding), block, want[first + j])
+    return out
+
+
+def load_model_params(directory: str | Path, mesh, role: str = "train",
+                      runtime: dict | None = None):
+    """(cfg, graphdef, state) restored from ``directory`` onto ``mesh`` in ``role``'s layout;
+    ``runtime`` fields (``models.config.RUNTIME_FIELDS``) override the saved config's, and the
+    layers are re-laid (scanned <-> unrolled) when that changes the layout."""
     directory = Path(directory).absolute()
     cfg = read_model_config(directory)
+    if runtime:
+        cfg = dataclasses.replace(cfg, **runtime)
     graphdef, abs_state = abstract_model(cfg)
     target = abstract_with_shardings(abs_state, mesh, role)
     if not (directory / "params").is_dir():
         raise CheckpointError(f"{directory / 'params'}: missing; the checkpoint is partial")
-    unrolled = None
-    if scans(cfg) and "layers" in _saved_top_keys(directory / "params"):
-        # saved before the layer scan (or with scan_layers=false): restore unrolled, stack
-        unrolled = dataclasses.replace(cfg, scan_layers=False)
-        _, abs_unrolled = abstract_model(unrolled)
-        target = abstract_with_shardings(abs_unrolled, mesh, role)
+    saved = _saved_top_keys(directory / "params")
+    relay = None  # the saved layout differs: restore in it, then stack or unstack the layers
+    if scans(cfg) and "layers" in saved:  # saved unrolled (or before the layer scan)
+        relay = dataclasses.replace(cfg, scan_layers=False)
+    elif not scans(cfg) and "blocks" in saved:
+        relay = dataclasses.replace(cfg, scan_layers=True)
+    if relay is not None:
+        _, abs_saved = abstract_model(relay)
+        target = abstract_with_shardings(abs_saved, mesh, role)
     try:
         restored = ocp.StandardCheckpointer().restore(directory / "params", target)
-        if unrolled is not None:
-            restored = stack_layers(restored, cfg, abstract_with_shardings(abs_state, mesh,
-                                                                           role))
+        if relay is not None:
+            want = abstract_with_shardings(abs_state, mesh, role)
+            restored = (stack_layers(restored, cfg, want) if scans(cfg)
+                        else unstack_layers(restored, relay, want))
     except Exception as e:  # orbax raises many types for partial/corrupt data
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         raise CheckpointError(f"{directory / 'params'}: cannot restore ({type(e).__name__}: "

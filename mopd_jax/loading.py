@@ -27,8 +27,13 @@ class Loaded:
 
 
 def load_model(hf: str | None = None, checkpoint: str | None = None, *, preset: str | None = None,
-               mesh=None, role: str = "train", seed: int = 0, dtype: str | None = None) -> Loaded:
-    """Exactly one of ``hf`` (HF dir), ``checkpoint`` (mopd dir) or ``preset`` (random init)."""
+               mesh=None, role: str = "train", seed: int = 0, dtype: str | None = None,
+               runtime: dict | None = None) -> Loaded:
+    """Exactly one of ``hf`` (HF dir), ``checkpoint`` (mopd dir) or ``preset`` (random init).
+
+    ``runtime``: ``models.config.RUNTIME_FIELDS`` to run the model with (kernels, layer scan,
+    remat), on top of its own config."""
+    runtime = runtime or {}
     if sum(x is not None for x in (hf, checkpoint, preset)) != 1:
         raise ValueError("give exactly one of --hf DIR, --checkpoint DIR (or --preset NAME)")
     mesh = mesh or shd.make_mesh()
@@ -37,7 +42,7 @@ def load_model(hf: str | None = None, checkpoint: str | None = None, *, preset: 
             raise FileNotFoundError(f"--hf {hf}: not a directory; pass a local Hugging Face "
                                     "model directory (config.json + *.safetensors)")
         over = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-        cfg = config_from_hf(hf, **over)
+        cfg = config_from_hf(hf, **over, **runtime)
         graphdef, abs_state = abstract_model(cfg)
         shardings = shd.param_shardings(abs_state, mesh, role)
         params = load_hf_params(hf, abs_state, cfg, shardings)
@@ -46,7 +51,7 @@ def load_model(hf: str | None = None, checkpoint: str | None = None, *, preset: 
         if not Path(checkpoint).is_dir():
             raise FileNotFoundError(f"--checkpoint {checkpoint}: not a directory; pass a "
                                     "checkpoint written by `mopd convert --to orbax` or a run")
-        cfg, graphdef, params = load_model_params(checkpoint, mesh, role)
+        cfg, graphdef, params = load_model_params(checkpoint, mesh, role, runtime)
         return Loaded(cfg, graphdef, params, load_tokenizer(checkpoint))
     cfg = model_preset(preset)
     graphdef, params = shd.init_sharded(lambda: models.build(cfg, nnx.Rngs(seed)), mesh, role)

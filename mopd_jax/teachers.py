@@ -64,7 +64,9 @@ def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
             domains = sorted(d for d, t in routes.items() if t == name) or ["fallback"]
             raise TeacherError(f"mopd.teachers: checkpoint {path!r} for {', '.join(domains)} not "
                                "found; train it first (recipe grpo) or fix the path")
-        loaded = load_model(mesh=mesh, role="teacher", **_source_kwargs(name))
+        from models.config import RUNTIME_FIELDS  # run as the student runs (kernels, scan)
+        runtime = {k: getattr(s_cfg, k) for k in RUNTIME_FIELDS}
+        loaded = load_model(mesh=mesh, role="teacher", runtime=runtime, **_source_kwargs(name))
         if loaded.cfg.vocab_size != s_cfg.vocab_size:
             raise TeacherError(f"teacher {name}: vocabulary size {loaded.cfg.vocab_size} != "
                                f"student {s_cfg.vocab_size}; teachers and student must share a "

@@ -284,7 +284,9 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 def check_init_overrides(cfg, explicit_model: dict) -> None:
     """``model.*`` fields the user set must match ``run.init``'s model (it decides them)."""
-    keys = [k for k in explicit_model if k not in ("preset", "hf")]
+    from models.config import RUNTIME_FIELDS  # applied on top of the init (runtime_overrides)
+
+    keys = [k for k in explicit_model if k not in ("preset", "hf", *RUNTIME_FIELDS)]
     if not cfg.run.init or not keys:
         return
     init = init_model_config(cfg.run.init)

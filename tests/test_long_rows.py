@@ -198,25 +198,28 @@ def test_scanned_model_hf_round_trip(tmp_path):
         np.testing.assert_allclose(loaded(tok)[0], m1(tok)[0], atol=1e-5)
 
 
-def test_unrolled_model_dir_loads_into_a_scanned_model(tmp_path):
-    """A model directory saved unrolled (before the layer scan) restores into the scanned
-    layout, sharded over the 8-device mesh."""
+def test_model_dirs_load_in_either_layer_layout(tmp_path):
+    """A model directory saved unrolled (e.g. before the layer scan) restores into the scanned
+    layout and a scanned one into the unrolled layout (``runtime`` overrides, as ``run.init``
+    and the teachers apply them), sharded over the 8-device mesh."""
     import json
 
     from mopd_jax.checkpoint import load_model_params, save_model
     from mopd_jax.sharding import make_mesh
 
     m0, m1 = _pair()
-    save_model(tmp_path / "m", nnx.state(m0), m0.cfg)
-    meta = json.loads((tmp_path / "m" / "model.json").read_text())
-    meta["scan_layers"] = True  # as a config that scans would read it
-    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
-    cfg, gdef, state = load_model_params(tmp_path / "m", make_mesh(), "train")
-    loaded = nnx.merge(gdef, state)
-    assert cfg.scan_layers and hasattr(loaded, "blocks")
-    assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
+    save_model(tmp_path / "unrolled", nnx.state(m0), m0.cfg)
+    save_model(tmp_path / "scanned", nnx.state(m1), m1.cfg)
+    assert json.loads((tmp_path / "scanned" / "model.json").read_text())["scan_layers"]
     tok = jnp.arange(8)[None] % m0.cfg.vocab_size
-    np.testing.assert_allclose(loaded(tok)[0], m0(tok)[0], atol=1e-5)
+    want = m0(tok)[0]
+    for src, scan in (("unrolled", True), ("scanned", False)):
+        cfg, gdef, state = load_model_params(tmp_path / src, make_mesh(), "train",
+                                             {"scan_layers": scan})
+        loaded = nnx.merge(gdef, state)
+        assert cfg.scan_layers is scan and hasattr(loaded, "blocks") is scan
+        assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
+        np.testing.assert_allclose(loaded(tok)[0], want, atol=1e-5)
 
 
 def test_splash_is_the_attention_compiled_for_a_v5p_topology():

@@ -117,7 +117,10 @@ def _config(tmp: Path, out: Path, ckpts: dict, total_steps: int) -> Path:
     cfg = {
         "run": {"name": "mp", "out_dir": str(out), "recipe": "mopd", "init": ckpts["pi0"],
                 "seed": 3, "checkpoint_every": 2, "eval_every": 2},
-        "model": {"preset": "tiny", "vocab_size": 32},
+        # the layer scan and blockwise attention on (issue 14), applied on top of run.init's
+        # unrolled checkpoint (and the teachers'): both layouts meet here
+        "model": {"preset": "tiny", "vocab_size": 32, "scan_layers": True,
+                  "attention_impl": "blockwise"},
         "data": {"builtin": ["add", "sort"], "builtin_size": 32, "eval_size": 2,
                  "max_prompt_len": 16},
         "rollout": {"max_new_tokens": 4, "slots": 8},

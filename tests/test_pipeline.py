@@ -225,11 +225,12 @@ def _wait_for(path: Path, p, timeout=400, lines=0):
 
 
 def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
-    ref = write_config(tmp_path / "ref.yaml", small_config(tmp_path / "ref"))
+    long_rows = {"scan_layers": True, "attention_impl": "blockwise"}  # issue 14's paths
+    ref = write_config(tmp_path / "ref.yaml", small_config(tmp_path / "ref", model=long_rows))
     rc, out, err = finished(mopd("train", str(ref)))
     assert rc == 0, err[-3000:]
 
-    cut = write_config(tmp_path / "cut.yaml", small_config(tmp_path / "cut"))
+    cut = write_config(tmp_path / "cut.yaml", small_config(tmp_path / "cut", model=long_rows))
     p = mopd("train", str(cut))
     _wait_for(tmp_path / "cut" / "checkpoints" / "4" / "commit_success.txt", p)
     p.send_signal(signal.SIGKILL)

@@ -163,7 +163,19 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
 def recorded_config(cfg: Config) -> Config:
     """``cfg`` as the run records it: with run.init, the init's model (it decides the student)."""
     init_cfg = validate.init_model_config(cfg.run.init) if cfg.run.init else None
-    return dataclasses.replace(cfg, model=init_cfg) if init_cfg is not None else cfg
+    if init_cfg is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(init_cfg,
+                                                              **runtime_overrides(cfg.model)))
+
+
+def runtime_overrides(model_cfg) -> dict:
+    """The ``RUNTIME_FIELDS`` (kernels, layer scan, remat) set away from their defaults: they
+    apply on top of ``run.init``'s (and the teachers') own model config."""
+    from models.config import RUNTIME_FIELDS, ModelConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS
+            if getattr(model_cfg, k) != defaults[k]}
 
 
 def init_student(run: Run) -> Run:
@@ -177,7 +189,8 @@ def init_student(run: Run) -> Run:
         if not Path(kw.get("hf") or kw["checkpoint"]).is_dir():
             raise RunError(f"run.init: checkpoint {src!r} not found; train pi_0 first (recipe "
                            "sft) or fix the path")
-        loaded = load_model(mesh=run.mesh, role="train", **kw)
+        loaded = load_model(mesh=run.mesh, role="train", runtime=runtime_overrides(cfg.model),
+                            **kw)
         graphdef, params, mcfg = loaded.graphdef, loaded.params, loaded.cfg
     else:
         mcfg = cfg.model
