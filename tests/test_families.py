@@ -222,8 +222,8 @@ def test_model_json_without_family_loads_as_qwen3(tmp_path):
 def test_unknown_family_and_logical_axis_are_errors():
     with pytest.raises(ValueError, match="unknown family 'gpt2'"):
         models.build(ModelConfig(family="gpt2"), nnx.Rngs(0))
-    with pytest.raises(MeshError, match="logical axis 'layers' has no entry in the 'train'"):
-        logical_to_spec(("layers", "embed"), (2, 64), make_mesh(), "train")
+    with pytest.raises(MeshError, match="logical axis 'stages' has no entry in the 'train'"):
+        logical_to_spec(("stages", "embed"), (2, 64), make_mesh(), "train")
 
 
 def test_family_presets_have_the_published_sizes():
