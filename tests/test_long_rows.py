@@ -151,37 +151,45 @@ def _loss(m, tok):
     return jnp.sum(m.logits(h) ** 2) * 1e-3 + aux
 
 
+@nnx.jit
+def _value_and_grad(m, tok):  # jitted: one compile instead of hundreds of eager op compiles
+    return nnx.value_and_grad(_loss)(m, tok)
+
+
+@nnx.jit
+def _prefill_then_decode(m, tok):
+    _, cache, _ = m(tok[:, :6], cache=m.init_cache(tok.shape[0], 16))
+    return m(tok[:, 6:7], jnp.full((tok.shape[0], 1), 6), cache=cache)[0]
+
+
 def test_scan_equals_unrolled_with_hybrid_groups_routing_and_cache():
     m0, m1 = _pair()
     assert layer_groups(m1.cfg) == ((0, 1), (1, 4), (5, 1))  # dense first, 4 sliding, full
     assert _hf_of(m0, m0.cfg).keys() == _hf_of(m1, m1.cfg).keys()
     tok = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, m0.cfg.vocab_size)
-    l0, g0 = nnx.value_and_grad(_loss)(m0, tok)
-    l1, g1 = nnx.value_and_grad(_loss)(m1, tok)
+    l0, g0 = _value_and_grad(m0, tok)
+    l1, g1 = _value_and_grad(m1, tok)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     t0, t1 = _hf_of(g0, m0.cfg), _hf_of(g1, m1.cfg)
     for key in t0:
         np.testing.assert_allclose(t1[key], t0[key], atol=1e-6, err_msg=key)
-    (_, r0), (_, r1) = forward_with_routing(m0, tok), forward_with_routing(m1, tok)
+    routed = nnx.jit(lambda m, t: forward_with_routing(m, t)[1])
+    r0, r1 = routed(m0, tok), routed(m1, tok)
     assert sorted(r0) == sorted(r1) == [1, 2, 3, 4, 5]
     assert all(bool((r0[i] == r1[i]).all()) for i in r0)
     replay = {i: (r + 1) % m0.cfg.num_experts for i, r in r0.items()}  # replay other experts
-    np.testing.assert_allclose(m1(tok, expert_ids=replay)[0], m0(tok, expert_ids=replay)[0],
+    replayed = nnx.jit(lambda m, t, e: m(t, expert_ids=e)[0])
+    np.testing.assert_allclose(replayed(m1, tok, replay), replayed(m0, tok, replay), atol=1e-5)
+    np.testing.assert_allclose(_prefill_then_decode(m1, tok), _prefill_then_decode(m0, tok),
                                atol=1e-5)
-    c0, c1 = m0.init_cache(2, 16), m1.init_cache(2, 16)
-    h0, c0, _ = m0(tok[:, :6], cache=c0)
-    h1, c1, _ = m1(tok[:, :6], cache=c1)
-    pos = jnp.full((2, 1), 6)
-    np.testing.assert_allclose(m1(tok[:, 6:7], pos, cache=c1)[0],
-                               m0(tok[:, 6:7], pos, cache=c0)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention"])
 def test_remat_equals_none(remat):
     m0, m1 = _pair("tiny-moe", remat=remat)
     tok = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, m0.cfg.vocab_size)
-    t0 = _hf_of(nnx.grad(_loss)(m0, tok), m0.cfg)
-    t1 = _hf_of(nnx.grad(_loss)(m1, tok), m1.cfg)
+    t0 = _hf_of(_value_and_grad(m0, tok)[1], m0.cfg)
+    t1 = _hf_of(_value_and_grad(m1, tok)[1], m1.cfg)
     for key in t0:
         np.testing.assert_allclose(t1[key], t0[key], atol=1e-6, err_msg=key)
 
@@ -271,3 +279,31 @@ def test_sampler_logprob_equals_trainer_with_scan_and_blockwise(monkeypatch):
     mask = batch.response_mask[:, 1:]
     assert mask.sum() > 40 and tokens.shape[1] > 32  # rows cross several 16-key blocks
     np.testing.assert_allclose(batch.logprobs[:, 1:][mask], trainer[mask], atol=1e-5)
+
+
+def test_microbatches_are_strided_and_gradients_accumulate_in_fp32():
+    """Microbatch j holds rows j, j + k, ... (each spans every batch shard), and bf16
+    parameters accumulate their gradients in fp32: 1 + 3 * 2**-8 survives (bf16 sums stay 1)."""
+    import optax
+
+    from mopd_jax.steps import _split_microbatches, make_train_step
+
+    mbs = _split_microbatches({"x": jnp.arange(8)}, 4)["x"]
+    assert mbs.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+    class Scalar(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((), jnp.bfloat16))
+
+    gdef, params = nnx.split(Scalar())
+
+    def objective(model, batch):  # d loss / d w = this microbatch's x
+        return jnp.sum(model.w[...].astype(jnp.float32) * batch["x"]), {}
+
+    opt = optax.sgd(0.0)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32)}
+    x = jnp.asarray([1.0, 2**-8, 2**-8, 2**-8], jnp.float32)
+    _, metrics = make_train_step(gdef, opt, objective, microbatches=4)(state, {"x": x})
+    fp32_mean = float(jnp.asarray((1 + 3 * 2**-8) / 4, jnp.bfloat16))
+    assert fp32_mean != 0.25 and float(metrics["grad_norm"]) == fp32_mean

@@ -125,16 +125,23 @@ def test_length_buckets_and_host_placement_score_like_the_full_width(estimator, 
                        {k: Teacher(t.name, t.graphdef, jax.device_get(t.params), t.vocab_size)
                         for k, t in teachers.items()}, placement="host").score(
         tokens, domains, cfg, lengths=lengths)
-    # full width: both teachers at 40; cut: T1 (rows 0, 4) keeps 40, T2 (max length 14) -> 16
-    assert shapes == [(8, 40), (8, 40), (8, 40), (8, 16), (8, 40), (8, 16)]
+    chunked = TeacherPool({"a": "T1", "b": "T2"}, None, teachers, score_rows=3).score(
+        tokens, domains, cfg, lengths=lengths)  # mopd.score_rows: calls of 3 rows
+    # full width: both teachers at 40; cut: T1 (rows 0, 4) keeps 40, T2 (max length 14) -> 16;
+    # chunked: T1's 2 rows in one call of 3, T2's 4 rows in two
+    assert shapes == [(8, 40), (8, 40), (8, 40), (8, 16), (8, 40), (8, 16), (3, 40), (3, 16),
+                      (3, 16)]
     fields = {"A": ["logp_BT"], "B": ["logp_BT", "topk_logp_BTk"], "C": ["hidden_BTD"]}
     for field in fields[estimator]:
-        a, b, h = (np.asarray(getattr(x, field)) for x in (full, cut, host))
-        assert a.shape == b.shape == h.shape
+        if field == "hidden_BTD":  # C's teacher hidden states stay on device
+            assert all(isinstance(getattr(x, field), jax.Array) for x in (full, chunked))
+        a, b, h, c = (np.asarray(getattr(x, field)) for x in (full, cut, host, chunked))
+        assert a.shape == b.shape == h.shape == c.shape
         for i, n in enumerate(lengths):
             valid = n - 1 if field != "hidden_BTD" else n
             np.testing.assert_allclose(b[i, :valid], a[i, :valid], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(h[i, :valid], a[i, :valid], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(c[i, :valid], a[i, :valid], rtol=1e-5, atol=1e-5)
     if estimator == "C":
         np.testing.assert_array_equal(cut.teacher_index_B, full.teacher_index_B)
         np.testing.assert_allclose(np.asarray(host.w), np.asarray(full.w), rtol=1e-6)
