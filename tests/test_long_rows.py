@@ -184,7 +184,7 @@ def test_scan_equals_unrolled_with_hybrid_groups_routing_and_cache():
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention", "offload"])
 def test_remat_equals_none(remat):
     m0, m1 = _pair("tiny-moe", remat=remat)
     tok = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, m0.cfg.vocab_size)
