@@ -148,15 +148,33 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
     return objective
 
 
+_SHARED_FIELDS = ("w",)  # per-teacher, not per-row: C's stacked lm_heads [M, D, V]
+
+
+def _is_per_row(path, x) -> bool:
+    """Whether a batch leaf has one entry per row (and splits into microbatches)."""
+    name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
+    return x.ndim > 0 and name not in _SHARED_FIELDS
+
+
 def _split_microbatches(batch, k: int):
     """[B, ...] -> [k, B/k, ...], strided: microbatch j holds rows j, j + k, j + 2k, ... so
-    that each spans every batch shard (a contiguous split would put each on one shard)."""
-    def split(x):
+    that each spans every batch shard (a contiguous split would put each on one shard).
+    Leaves that are not per row (``_SHARED_FIELDS``, scalars) come back as None."""
+    def split(path, x):
+        if not _is_per_row(path, x):
+            return None
         if x.shape[0] % k:
             raise ValueError(f"optimizer.microbatches={k} must divide the batch size "
                              f"{x.shape[0]}")
         return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-    return jax.tree.map(split, batch)
+    return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def _with_shared(mb, batch):
+    """A microbatch with the batch's shared (not per-row) leaves put back."""
+    return jax.tree.map(lambda m, x: x if m is None else m, mb, batch,
+                        is_leaf=lambda v: v is None)
 
 
 def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
@@ -183,10 +201,10 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
                 x.dtype, jnp.floating) else x
 
             def body(acc, mb):
-                (l, m), g = grad_fn(params, mb)
+                (l, m), g = grad_fn(params, _with_shared(mb, batch))
                 return jax.tree.map(lambda a, b: a + f32(b), acc, (l, m, g)), None
             mbs = _split_microbatches(batch, microbatches)
-            first = jax.tree.map(lambda x: x[0], mbs)
+            first = _with_shared(jax.tree.map(lambda x: x[0], mbs), batch)
             shapes = jax.eval_shape(grad_fn, params, first)
             acc_dtype = lambda d: jnp.float32 if jnp.issubdtype(d, jnp.floating) else d  # noqa
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)),
