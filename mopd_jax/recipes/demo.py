@@ -28,7 +28,7 @@ MODES = {
     "quick": {"sft": 60, "sft_lr": 3e-3, "grpo": 3, "grpo_lr": 1e-3, "mopd": 4,
               "mopd_lr": 1e-3, "eval_size": 16, "builtin_size": 600},
 }
-SFT_WEIGHTS = "{add: 0.55, sort: 0.2, rev: 0.25}"
+SFT_MIX = {"add": 0.55, "sort": 0.2, "rev": 0.25}
 # Which MOPD estimator the demo's student uses, and why (demo.yaml sets it).
 WHY_ESTIMATOR = {
     "C": "estimator C (exact full-vocabulary reverse KL): at the built-in 32-token vocabulary "
@@ -53,7 +53,13 @@ def base_and_teachers(out: Path, mode: dict, overrides=(), config=DEMO_CONFIG):
     from mopd_jax.recipes.grpo import run_grpo
     from mopd_jax.recipes.sft import run_sft
 
-    weights = {"data.weights": SFT_WEIGHTS} if str(config) == str(DEMO_CONFIG) else {}
+    weights = {}
+    if str(config) == str(DEMO_CONFIG):  # the SFT mix, over the domains this demo runs
+        builtin = phase_config(out, "sft", mode, overrides, config).data.builtin
+        mix = {d: w for d, w in SFT_MIX.items() if d in builtin}
+        if mix:
+            weights = {"data.weights": "{" + ", ".join(f"{d}: {w}" for d, w in mix.items())
+                                       + "}"}
     sft_cfg = phase_config(out, "sft", mode, overrides, config, **{
         "run.recipe": "sft", "optimizer.total_steps": mode["sft"], "optimizer.lr": mode["sft_lr"],
         **weights})
