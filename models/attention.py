@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.sharding_context import current_sharding
+
 IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn", "pallas_gpu")
 BLOCK = 512          # default query and key block of the blockwise and splash kernels
 _NEG = -1e30         # masked logit: finite, so exp(_NEG - _NEG) stays 1 and never NaN
@@ -62,8 +64,6 @@ def resolve(impl: str, *, T: int, S: int, cached: bool, sinks: bool, window, sam
 
 
 def _platform() -> str:
-    from models.layers import current_sharding
-
     ctx = current_sharding()
     if ctx is not None and ctx.mesh is not None:
         return ctx.mesh.devices.flat[0].platform

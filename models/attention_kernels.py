@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from models.sharding_context import current_sharding
+
 
 _LANES = 128  # splash blocks are multiples of the TPU lane width
 
@@ -69,8 +71,6 @@ def splash(q_BTHd, k_BKSd, v_BKSe, k_valid_BS, window, sinks_H, scale, block, in
         base = jnp.ones((B, T), bool) if k_valid_BS is None else k_valid_BS.astype(bool)
         valid = _pad_length(base.astype(jnp.int32), 1, block)  # 1 real, 0 padding
     sinks = None if sinks_H is None else sinks_H.astype(jnp.float32)
-
-    from models.layers import current_sharding
 
     ctx = current_sharding()
     fn = functools.partial(_splash_local, window=window, block=block, interpret=interpret)

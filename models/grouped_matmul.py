@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from models.sharding_context import current_sharding
+
 IMPLS = ("megablox", "ragged", "blocked")
 
 
@@ -117,8 +119,6 @@ def _megablox_module():
 
 def _tracing_for_tpu() -> bool:
     """True when the active mesh is TPU devices (libtpu compile-only devices included)."""
-    from models.layers import current_sharding
-
     ctx = current_sharding()
     mesh = getattr(ctx, "mesh", None)
     return mesh is not None and mesh.devices.flat[0].platform == "tpu"

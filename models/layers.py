@@ -7,10 +7,7 @@ sharding rules map those names to mesh axes per role. Activations get logical co
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-from typing import Callable
 
 import numpy as np
 
@@ -19,50 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attend
+from models.sharding_context import (ShardingContext, activation_sharding, constrain,  # noqa: F401
+                                     current_sharding)
 from models.config import ModelConfig
 
 Cache = dict  # {'k': [B, K, S, Hd], 'v': [B, K, S, Vd]} for one layer
-
-_ACTIVATION_RULES: list["ShardingContext"] = []
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardingContext:
-    """What model code may know of the mesh it runs on (set by ``mopd_jax.sharding.use_rules``).
-
-    ``constrain(x, axes)`` applies a logical sharding constraint; kernels that must run under
-    ``shard_map`` (splash attention, per-device MoE dispatch) read ``mesh`` and
-    ``spec(axes, shape)`` (the PartitionSpec the role's rules give those logical axes).
-    """
-
-    constrain: Callable
-    mesh: object = None
-    spec: Callable | None = None
-
-
-@contextlib.contextmanager
-def activation_sharding(constrain_fn: Callable, mesh=None, spec_fn: Callable | None = None):
-    """Within this context, ``constrain(x, axes)`` calls ``constrain_fn(x, axes)`` and
-    ``current_sharding()`` returns the context.
-
-    The caller (mopd_jax.sharding) supplies a function that maps logical axis names to a
-    NamedSharding on its mesh; models stay mesh-agnostic.
-    """
-    _ACTIVATION_RULES.append(ShardingContext(constrain_fn, mesh, spec_fn))
-    try:
-        yield
-    finally:
-        _ACTIVATION_RULES.pop()
-
-
-def current_sharding() -> ShardingContext | None:
-    """The innermost active ``activation_sharding`` context, or None (no mesh: one device)."""
-    return _ACTIVATION_RULES[-1] if _ACTIVATION_RULES else None
-
-
-def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint by logical axis names (no-op outside ``activation_sharding``)."""
-    return _ACTIVATION_RULES[-1].constrain(x, axes) if _ACTIVATION_RULES else x
 
 
 def dtype_of(name: str):

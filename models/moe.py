@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import current_sharding, param
+from models.layers import param
+from models.sharding_context import current_sharding
 from models.moe_dispatch import dispatch
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models import layers as model_layers
+from models.sharding_context import activation_sharding
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -233,5 +233,5 @@ def use_rules(mesh: Mesh, role: str):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     def spec(axes, shape):
         return logical_to_spec(axes, shape, mesh, role)
-    with model_layers.activation_sharding(constrain, mesh, spec):
+    with activation_sharding(constrain, mesh, spec):
         yield

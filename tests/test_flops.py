@@ -1,7 +1,6 @@
 """FLOP accounting: causal attention counts the pairs a query sees, a train step is 3 forwards,
 and the HLO count multiplies a loop body by its trips (XLA's cost_analysis counts it once)."""
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,6 @@ def test_hlo_flops_equal_dots_and_count_loop_bodies_per_trip():
     assert flops.cost_analysis_flops(comp) < 7 * one  # XLA's own count: each body once
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 def test_hlo_flops_read_tpu_trip_counts_from_the_loop_condition():
     """XLA:TPU does not annotate known_trip_count: the count comes from ``i < N``."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -73,7 +71,6 @@ def test_hlo_flops_read_tpu_trip_counts_from_the_loop_condition():
     assert h["flops"] == 3 * 7 * 2 * 256**3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 def test_hlo_flops_of_tpu_batched_dots_written_as_padded_convolutions():
     """XLA:TPU writes attention's batched dots as convolutions over padded windows (one valid
     tap in K): counted by valid taps, they equal the analytic count, gradients included."""
