@@ -298,7 +298,6 @@ def _flash_bwd(window, scale, bq, bk, has_sinks, res, d_out):
     unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(  # noqa: E731
         x.shape[1], x.shape[2], -1, x.shape[-1])
     dk, dv = unblock(dk_n), unblock(dv_n)
-    dsinks = None
     if has_sinks:  # d sink = -sum_t p_sink(t) * (dO . O)(t)
         p_sink = jnp.exp(sinks[None, :, :, None] - lse)
         dsinks = -jnp.sum(p_sink * D, axis=(0, 3))

@@ -31,15 +31,16 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _writable_parent(path: Path, flag: str) -> None:
+def _writable_parent(path: Path, flag: str, error=UsageError,
+                     fix: str = "choose another path") -> None:
+    """``path`` can be created: its nearest existing ancestor is a writable directory."""
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory; choose another "
-                         "path")
+        raise error(f"{flag} {path}: {parent} is a file, not a directory; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {parent} is not writable; choose a writable path")
+        raise error(f"{flag} {path}: {parent} is not writable; {fix}")
 
 
 def check_new_dir(path: str | os.PathLike, flag: str, inputs=()) -> Path:

@@ -56,15 +56,9 @@ def check_out_dir(cfg, resume: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run.out_dir: {out} is a file; choose a directory with --set "
                           "run.out_dir=DIR")
-    parent = out.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RunDirError(f"run.out_dir: cannot create {out} ({parent} is a file); choose a "
-                          "writable directory with --set run.out_dir=DIR")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(f"run.out_dir: cannot write to {out} (permission denied); choose a "
-                          "writable directory with --set run.out_dir=DIR")
+    from mopd_jax.outputs import _writable_parent
+    _writable_parent(out / "_", "run.out_dir", RunDirError,  # out itself, or its ancestor
+                     "choose a writable directory with --set run.out_dir=DIR")
     if not resume:
         ckpts = out / "checkpoints"
         if ckpts.is_dir() and any(ckpts.iterdir()):
