@@ -34,6 +34,7 @@ class GRPOBatch:
     adv_B: jax.Array
     reward_B: jax.Array | None = None
     ref_logp_BT: jax.Array | None = None  # pi_0's log-probs when grpo.kl_coef > 0
+    expert_ids_BTLk: jax.Array | None = None  # the sampler's routing (grpo.router_replay)
 
 
 @struct.dataclass
@@ -47,3 +48,6 @@ class MOPDBatch:
     teacher: TeacherScores
     reward_B: jax.Array | None = None
     orm_adv_B: jax.Array | None = None  # group advantage for alpha * A_ORM (n >= 2)
+    # [B, T, L_moe, k]: the experts the sampler's MoE layers chose for token t (router replay,
+    # ``mopd.router_replay``); the student's forward uses them instead of routing anew
+    expert_ids_BTLk: jax.Array | None = None

@@ -200,6 +200,9 @@ class GRPOConfig:
     resample_rounds: int = 2
     """Dynamic sampling: extra rounds per step that draw only the missing groups' prompts;
     groups still missing after them are padding rows (out of the loss and the metrics)."""
+    router_replay: bool = False
+    """MoE student: the train forward uses the experts the sampler chose for each token (R3),
+    gate weights from the current router at those experts."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
@@ -232,6 +235,9 @@ class MOPDConfig(EstimatorKnobs):
     """Per-domain weight of the GRPO outcome advantage added to A (default 0)."""
     domain_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     """Per-domain loss weights (default 1)."""
+    router_replay: bool = False
+    """MoE student: the train forward uses the experts the sampler chose for each token (R3),
+    gate weights from the current router at those experts; teachers route on their own."""
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "mopd.prompts_per_step", "must be >= 1")

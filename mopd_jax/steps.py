@@ -84,6 +84,19 @@ def init_train_state(params, optimizer, mesh=None) -> dict:
                         else jax.device_put(x, replicated), state)
 
 
+def student_forward(model, batch):
+    """The student's forward over ``tokens[:, :-1]``; a batch carrying the sampler's routing
+    (``expert_ids_BTLk``) replays it: each MoE layer uses the recorded experts, weighted by its
+    current router at those experts (so the router still learns; router replay, R3)."""
+    tokens = batch.tokens_BT[:, :-1]
+    ids = getattr(batch, "expert_ids_BTLk", None)
+    if ids is None:
+        return model(tokens)
+    replay = {layer: ids[:, :-1, j].astype(jnp.int32)
+              for j, layer in enumerate(model.moe_layers())}
+    return model(tokens, expert_ids=replay)
+
+
 def distill_objective(loss_cfg, aux_coef: float = 0.0):
     """Loss of the student on its rollouts (a ``MOPDBatch``) against precomputed teacher
     scores."""
@@ -91,7 +104,7 @@ def distill_objective(loss_cfg, aux_coef: float = 0.0):
 
     def objective(model, batch: MOPDBatch):
         tokens = batch.tokens_BT
-        hidden, _, aux = model(tokens[:, :-1])
+        hidden, _, aux = student_forward(model, batch)
         sampler = batch.sampler_logp_BT
         db = DistillBatch(tokens_BT=tokens[:, 1:], mask_BT=batch.mask_BT[:, 1:],
                           domain_ids_B=batch.domain_B,
@@ -133,7 +146,7 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
 
     def objective(model, batch: GRPOBatch):
         tokens = batch.tokens_BT
-        hidden, _, aux = model(tokens[:, :-1])
+        hidden, _, aux = student_forward(model, batch)
         logp = chunked_token_logprobs(hidden, model.lm_head_weight(), tokens[:, 1:],
                                       temperature=temperature, vocab_chunk=vocab_chunk,
                                       seq_chunk=seq_chunk)

@@ -217,10 +217,24 @@ def seq_len(cfg: Config) -> int:
     return cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
 
 
+def router_replay(cfg: Config) -> str | None:
+    """The field asking for router replay in this recipe ('mopd.router_replay', ...), or None."""
+    for section in ("mopd", "grpo"):
+        if cfg.run.recipe == section and getattr(cfg, section).router_replay:
+            return f"{section}.router_replay"
+    return None
+
+
 def _engine(run: Run) -> Engine:
-    """The rollout engine for pi_0's shapes (compiles on first use, not here)."""
+    """The rollout engine for pi_0's shapes (compiles on first use, not here); it records the
+    routing when the recipe replays it."""
     cfg = run.cfg
+    replay = router_replay(cfg)
+    if replay and not run.model_cfg.num_experts:
+        raise RunError(f"{replay}=true: the student ({run.model_cfg.name}) has no MoE layers, "
+                       f"so there is no routing to replay; set {replay}=false")
     return Engine(run.graphdef, run.init_params, max_concurrent_decodes=cfg.rollout.slots,
+                  record_routing=bool(replay),
                   max_prefill_length=cfg.data.max_prompt_len, max_target_length=seq_len(cfg),
                   max_prefill_batch=cfg.rollout.prefill_batch,
                   stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,

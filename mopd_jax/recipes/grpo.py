@@ -67,8 +67,13 @@ def pack_groups(groups: Groups, P: int, G: int, L: int, domain_ids, *,
     out = {"tokens": np.zeros((B, L), np.int32), "mask": np.zeros((B, L), np.int32),
            "old_logp": np.zeros((B, L), np.float32), "adv": np.zeros((B,), np.float32),
            "reward": np.zeros((B,), np.float32), "domain": np.zeros((B,), np.int32)}
+    routed = [rb.expert_ids for rb, _, _ in groups.kept if rb.expert_ids is not None]
+    if routed:  # router replay: the sampler's experts (padding rows: expert 0, masked out)
+        out["expert_ids"] = np.zeros((B, L, *routed[0].shape[2:]), routed[0].dtype)
     for k, (rb, rows, r) in enumerate(groups.kept):
         dst = slice(k * G, (k + 1) * G)
+        if routed:
+            out["expert_ids"][dst] = rb.expert_ids[rows]
         out["tokens"][dst] = rb.tokens[rows]
         out["mask"][dst] = rb.response_mask[rows]
         out["old_logp"][dst] = rb.logprobs[rows]
@@ -76,7 +81,8 @@ def pack_groups(groups: Groups, P: int, G: int, L: int, domain_ids, *,
         out["reward"][dst] = r
         out["domain"][dst] = domain_ids(rb.domain[rows])
     batch = GRPOBatch(tokens_BT=out["tokens"], mask_BT=out["mask"], domain_B=out["domain"],
-                      sampler_logp_BT=out["old_logp"], adv_B=out["adv"], reward_B=out["reward"])
+                      sampler_logp_BT=out["old_logp"], adv_B=out["adv"], reward_B=out["reward"],
+                      expert_ids_BTLk=out.get("expert_ids"))
     return batch, len(groups.kept) * G
 
 

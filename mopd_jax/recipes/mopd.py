@@ -67,7 +67,7 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
         batch = MOPDBatch(
             tokens_BT=rb.tokens, mask_BT=rb.response_mask.astype(np.int32),
             domain_B=run.domain_ids(rb.domain), sampler_logp_BT=rb.logprobs, teacher=teacher,
-            reward_B=rewards,
+            reward_B=rewards, expert_ids_BTLk=rb.expert_ids,
             orm_adv_B=group_advantages_host(rewards, n, normalize_std=True) if n >= 2 else None)
         for d in rb.domain:
             loop.count(d)

@@ -48,6 +48,11 @@ class ResultTokens:
     lengths: jax.Array     # [B] int32: tokens generated so far for the row, this one included
     done: jax.Array        # [B] bool: this token ended the row (stop token or length cap)
     stopped: jax.Array     # [B] bool: ... and it did so by a stop token
+    # Router record (engine built with record_routing): the experts each MoE layer chose for
+    # the tokens *fed* in this call, [..., L_moe, k] in ``routing_dtype``: a prefill's
+    # [P, bucket, L_moe, k] per prompt (its prompt positions), a generate's [S, L_moe, k] per
+    # slot (the token at ``pos``, whose successor this step samples).
+    expert_ids: jax.Array | None = None
     samples_per_slot: int = struct.field(pytree_node=False, default=1)
 
     def copy_to_host_async(self) -> None:
@@ -115,10 +120,16 @@ class Engine:
                  max_prefill_length: int = 128, max_target_length: int | None = None,
                  stop_tokens: Sequence[int] = (), max_stop_tokens: int = 4,
                  min_prefill_bucket: int = 16, max_prefill_batch: int = 16,
-                 mesh: Mesh | None = None, pad_id: int = 0):
+                 mesh: Mesh | None = None, pad_id: int = 0, record_routing: bool = False):
         abstract = jax.eval_shape(lambda p: p, params)
         self.graphdef = graphdef
         self.cfg = nnx.merge(graphdef, abstract).cfg
+        self.moe_layers = nnx.merge(graphdef, abstract).moe_layers()
+        if record_routing and not self.moe_layers:
+            raise EngineError("record_routing: this model has no MoE layers (nothing to "
+                              "record); turn router replay off for a dense model")
+        self.record_routing = bool(record_routing)
+        self.routing_dtype = routing_dtype(self.cfg.num_experts)
         self.mesh = mesh
         self.pad_id = pad_id
         self._slots = int(max_concurrent_decodes)
@@ -390,7 +401,8 @@ class Engine:
         with self._rules():
             model = nnx.merge(self.graphdef, params)
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-            hidden, cache, _ = model(tokens_PT, positions, cache=model.init_cache(P, T))
+            (hidden, cache, _), ids = self._forward(model, tokens_PT, positions,
+                                                    model.init_cache(P, T))
             h_last = jnp.take_along_axis(hidden, (lengths_P - 1)[:, None, None], axis=1)
             logits_PV = model.logits(h_last)[:, 0]
         keys_PN2 = jax.vmap(lambda s: jax.vmap(
@@ -408,8 +420,18 @@ class Engine:
                         temperature=temperature_P, top_k=top_k_P, top_p=top_p_P,
                         max_new=max_new_P, stop_tokens=stop_PZ)
         result = ResultTokens(tokens=tokens, log_prob=logp, valid=jnp.ones((P * n,), bool),
-                              lengths=jnp.ones((P * n,), jnp.int32), done=done, stopped=stopped)
+                              lengths=jnp.ones((P * n,), jnp.int32), done=done, stopped=stopped,
+                              expert_ids=ids)
         return prefix, result
+
+    def _forward(self, model, tokens_BT, positions_BT, cache):
+        """The model's forward; with ``record_routing`` also its experts, [B, T, L_moe, k]."""
+        if not self.record_routing:
+            return model(tokens_BT, positions_BT, cache=cache), None
+        from models import forward_with_routing
+        out, ids = forward_with_routing(model, tokens_BT, positions_BT, cache=cache)
+        return out, jnp.stack([ids[i] for i in self.moe_layers], axis=2).astype(
+            self.routing_dtype)
 
     def _insert_fn(self, prefix: Prefix, state: DecodeState, slots):
         """One prompt's prefix (``prefill``) into ``slots`` [n]."""
@@ -454,8 +476,8 @@ class Engine:
     def _generate_fn(self, params, state: DecodeState):
         with self._rules():
             model = nnx.merge(self.graphdef, params)
-            hidden, cache, _ = model(state.tokens[:, None], state.pos[:, None],
-                                     cache=state.cache)
+            (hidden, cache, _), ids = self._forward(model, state.tokens[:, None],
+                                                    state.pos[:, None], state.cache)
             logits_BV = model.logits(hidden)[:, 0]
         step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.pos + 1)
         tokens, logp = sample_logits(logits_BV, step_keys, state.temperature, state.top_k,
@@ -471,5 +493,11 @@ class Engine:
             generated=generated,
             active=live & ~done)
         result = ResultTokens(tokens=tokens, log_prob=logp, valid=live, lengths=generated,
-                              done=done, stopped=stopped)
+                              done=done, stopped=stopped,
+                              expert_ids=None if ids is None else ids[:, 0])
         return new_state, result
+
+
+def routing_dtype(num_experts: int):
+    """The narrowest integer holding an expert id: 1 byte per id up to 256 experts."""
+    return np.uint8 if num_experts <= 256 else np.int16 if num_experts <= 32767 else np.int32

@@ -71,6 +71,10 @@ class RolloutBatch:
     prompt_index: np.ndarray     # [R] group id for GRPO (index into the prompt list)
     sample_index: np.ndarray     # [R] 0..n-1 within the group
     stats: dict = dataclasses.field(default_factory=dict)
+    # [R, L, L_moe, k] the experts every MoE layer chose for token t when the sampler fed it
+    # (an engine with record_routing; zeros from the row's last token on: never fed); what
+    # router replay hands the trainer. None when not recorded.
+    expert_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -113,6 +117,9 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
     R = len(prompts) * n
     out_tokens: list[list[int]] = [[] for _ in range(R)]
     out_logp: list[list[float]] = [[] for _ in range(R)]
+    routed = engine.record_routing
+    prompt_ids: list = [None] * R   # [plen, L_moe, k] per row (its prompt's prefill)
+    out_ids: list[list] = [[] for _ in range(R)]  # [L_moe, k] per generated-and-fed token
     finish: list[str | None] = [None] * R
     owner: list[int | None] = [None] * S
     left = [0] * S  # steps a slot may still take before its length cap (the engine's rule)
@@ -146,6 +153,8 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
             for j, pi in enumerate(batch):
                 for i, s in enumerate(slots[j]):
                     r, k = pi * n + i, j * n + i
+                    if routed:
+                        prompt_ids[r] = first.expert_ids[j, :len(prompts[pi].tokens)]
                     record(r, first.tokens[k], first.log_prob[k], first.done[k],
                            first.stopped[k])
                     if first.done[k]:
@@ -162,6 +171,8 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
             if r is None:
                 continue
             record(r, res.tokens[s], res.log_prob[s], res.done[s], res.stopped[s])
+            if routed:  # the experts of the token this step fed (the row's previous one)
+                out_ids[r].append(res.expert_ids[s])
             if res.done[s]:
                 owner[s] = None
                 free.append(s)
@@ -201,6 +212,15 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
         tokens[r, :p] = prompts[r // n].tokens
         tokens[r, p:p + k] = out_tokens[r]
         logprobs[r, p:p + k] = out_logp[r]
+    expert_ids = None
+    if routed:
+        L, k = len(engine.moe_layers), engine.cfg.num_experts_per_tok
+        expert_ids = np.zeros((R, width, L, k), engine.routing_dtype)
+        for r in range(R):
+            p = plen[r]
+            expert_ids[r, :p] = prompt_ids[r]
+            if out_ids[r]:
+                expert_ids[r, p:p + len(out_ids[r])] = np.stack(out_ids[r])
     prompt_mask = col < plen[:, None]
     response_mask = (col >= plen[:, None]) & (col < (plen + rlen)[:, None])
     return RolloutBatch(
@@ -209,7 +229,7 @@ def rollout(engine: Engine, params, prompts: Sequence, *, n: int = 1,
         finish_reason=list(finish), domain=[prompts[r // n].domain for r in range(R)],
         metadata=[prompts[r // n].metadata for r in range(R)],
         prompt_index=np.arange(R, dtype=np.int32) // n,
-        sample_index=np.arange(R, dtype=np.int32) % n,
+        sample_index=np.arange(R, dtype=np.int32) % n, expert_ids=expert_ids,
         stats={"generate_steps": steps, "prefills": len(prompts),
                "prefill_batches": prefill_batches, "wall_s": wall,
                "generated_tokens": int(rlen.sum()),
