@@ -16,6 +16,14 @@ instead of living on one of them. Sizes that the chunks do not divide are padded
 rows, zero `lm_head` columns whose logits are masked to -1e30); pick chunks that divide N and V
 to avoid the pad copies.
 
+Under a mesh (``models.sharding_context``) every tile is split, not replicated: the vocabulary
+chunk is rounded up to a multiple of 128 and of the devices the 'vocab' axis spans (a chunk of
+7,997 columns that 4 tensor devices do not divide made XLA replicate the tile matmuls, 4x each
+device's share), the row chunk to a multiple of the 'tokens' devices, and the chunked operands
+are constrained to hidden rows over 'tokens', `lm_head` columns over 'vocab', so each device
+multiplies its own rows by its own columns. The context is read once, when the loss is traced:
+the custom VJP's backward runs after it is closed.
+
 Shape suffixes follow the glossary in ``models/config.py``; here also n, the rows of one
 token chunk, R the number of token chunks, c the columns of one vocabulary chunk and C the
 number of vocabulary chunks.
@@ -25,8 +33,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from models.sharding_context import current_sharding
 
 # A finite -inf: exp() underflows to exactly 0 and 0 * (a - b) stays 0 instead of NaN.
 PAD_LOGIT = -1e30
@@ -46,11 +58,54 @@ class Tile(NamedTuple):
 ReduceFn = Callable[[Tile, Any], tuple]
 
 
-def _chunking(size: int, chunk: int) -> tuple[int, int]:
-    """(per-chunk size, number of chunks) with the chunk no larger than the array."""
+def _chunking(size: int, chunk: int, align: int = 1) -> tuple[int, int]:
+    """(per-chunk size, number of chunks) with the chunk no larger than the array (before
+    rounding up to a multiple of ``align``, which pads)."""
     chunk = min(chunk, size)
     count = -(-size // chunk)
-    return -(-size // count), count
+    per = -(-size // count)
+    if count == 1 and size % align == 0:
+        return per, count
+    return -(-per // align) * align, count
+
+
+class _Layout(NamedTuple):
+    """How the chunked operands are laid out on the active mesh (none: one device)."""
+
+    constrain: Callable  # (x, logical axes) -> x
+    rows: int  # devices the 'tokens' axis spans
+    cols: int  # devices the 'vocab' axis spans
+
+    @staticmethod
+    def current() -> "_Layout":
+        ctx = current_sharding()
+        if ctx is None or ctx.mesh is None or ctx.spec is None:
+            return _Layout(lambda x, axes: x, 1, 1)
+
+        def ways(name):
+            spec = ctx.spec((name,), (ctx.mesh.size,))[0]
+            names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+            return math.prod(ctx.mesh.shape[a] for a in names)
+
+        return _Layout(ctx.constrain, ways("tokens"), ways("vocab"))
+
+    def chunks(self, N: int, V: int, seq_chunk: int, vocab_chunk: int):
+        """(n, R, c, C): rows a multiple of the token devices, columns of 128 and the vocab
+        devices when those split them (128: the MXU's width; one device keeps the chunks the
+        caller asked for, and its numerics)."""
+        n, R = _chunking(N, seq_chunk, self.rows if min(seq_chunk, N) >= self.rows else 1)
+        wide = self.cols > 1 and min(vocab_chunk, V) >= 128
+        col_align = math.lcm(128, self.cols) if wide else self.cols
+        c, C = _chunking(V, vocab_chunk, col_align)
+        return n, R, c, C
+
+    def rows_nR(self, x):
+        """[n, R, ...] rows over the token devices."""
+        return self.constrain(x, ("tokens",) + (None,) * (x.ndim - 1))
+
+    def cols_cC(self, w):
+        """[..., D, c, C] lm_head columns over the vocab devices, whole D on each."""
+        return self.constrain(w, (None,) * (w.ndim - 2) + ("vocab", None))
 
 
 def _split_rows(tree, n, R):
@@ -166,8 +221,8 @@ def vocab_reduce(
             raise ValueError(f"teacher vocab {teacher[1].shape[-1]} != student vocab {V}")
         if (teacher[1].ndim == 3) != (teacher[2] is not None):
             raise ValueError("stacked teacher lm_heads [M, D, V] need a per-row teacher index")
-    n, R = _chunking(N, seq_chunk)
-    c, C = _chunking(V, vocab_chunk)
+    layout = _Layout.current()
+    n, R, c, C = layout.chunks(N, V, seq_chunk, vocab_chunk)
     inv_s, inv_t = 1.0 / temperature, 1.0 / teacher_temperature
 
     def tile(h_nD, w_cC, lse_n, teacher_n, j):
@@ -178,13 +233,15 @@ def vocab_reduce(
             t_nc = _logits(th_nD, tw_cC, j, V, inv_t, which_n)[0] - tlse_n[:, None]
         return Tile(l_nc - lse_n[:, None], t_nc, ids_c, valid_c, C), w_c
 
+    def rows(tree):
+        return jax.tree.map(layout.rows_nR, _split_rows(tree, n, R))
+
     def split(h_ND, w_DV, aux, teacher):
         """Strided chunk layout of every operand: rows [n, R, ...], columns [..., c, C]."""
         if teacher is not None:
             th_ND, tw, which_N = teacher
-            teacher = (_split_rows(th_ND, n, R), _split_cols(tw, c, C),
-                       _split_rows(which_N, n, R))
-        return _split_rows(h_ND, n, R), _split_cols(w_DV, c, C), _split_rows(aux, n, R), teacher
+            teacher = (rows(th_ND), layout.cols_cC(_split_cols(tw, c, C)), rows(which_N))
+        return rows(h_ND), layout.cols_cC(_split_cols(w_DV, c, C)), rows(aux), teacher
 
     def teacher_chunk(teacher, tlse_nR, i):
         if teacher is None:
@@ -244,7 +301,7 @@ def vocab_reduce(
         gp_N = g_lse_N - sum(jax.tree.leaves(gdirs), jnp.zeros((N,)))
         h_nRD, w_DcC, aux_nR, teacher = split(h_ND, w_DV, aux, teacher)
         # Padded rows get zero cotangents, so they add nothing to dw.
-        lse_nR, tlse_nR, gp_nR, g_nR = _split_rows((lse_N, tlse_N, gp_N, g_outs), n, R)
+        lse_nR, tlse_nR, gp_nR, g_nR = rows((lse_N, tlse_N, gp_N, g_outs))
 
         # Vocabulary chunks outside, token chunks inside: each dw column chunk is summed in fp32
         # over the token chunks and stored once in lm_head's dtype, so the only fp32 accumulator
@@ -270,7 +327,8 @@ def vocab_reduce(
             dw_Dc = dw_Dc.astype(w_DcC.dtype)
             return dh_nRD, jax.lax.dynamic_update_index_in_dim(dw_DcC, dw_Dc, j, 2)
 
-        init = (jnp.zeros(h_nRD.shape, jnp.float32), jnp.zeros(w_DcC.shape, w_DcC.dtype))
+        init = (layout.rows_nR(jnp.zeros(h_nRD.shape, jnp.float32)),
+                layout.cols_cC(jnp.zeros(w_DcC.shape, w_DcC.dtype)))
         dh_nRD, dw_DcC = jax.lax.fori_loop(0, C, vocab_body, init)
         dh_ND = _merge_rows(dh_nRD, N)
         dw_DV = dw_DcC.reshape(w_DcC.shape[0], -1)[:, :V]
@@ -440,9 +498,10 @@ def chunked_topk(h_BTD, w_DV, k, *, temperature=1.0, vocab_chunk=8192, seq_chunk
         raise ValueError(f"top-k k={k} must be in [1, vocab={V}]")
     h_ND, w_DV = jax.lax.stop_gradient((_flat(h_BTD), w_DV))
     N = h_ND.shape[0]
-    n, R = _chunking(N, seq_chunk)
-    c, C = _chunking(V, vocab_chunk)
-    h_nRD, w_DcC = _split_rows(h_ND, n, R), _split_cols(w_DV, c, C)
+    layout = _Layout.current()
+    n, R, c, C = layout.chunks(N, V, seq_chunk, vocab_chunk)
+    h_nRD = layout.rows_nR(_split_rows(h_ND, n, R))
+    w_DcC = layout.cols_cC(_split_cols(w_DV, c, C))
     inv = 1.0 / temperature
 
     def seq_body(i, acc):

@@ -228,8 +228,9 @@ def _parse_oom(msg: str):
 
 
 def compile_step(name: str, jitted, args, kwargs=None, *, n_dev: int,
-                 loop_trips: int = 1) -> dict:
-    """Lower and compile ``jitted(*args)``; memory and cost analysis per device."""
+                 loop_trips: int = 1, hlo_dir: str | None = None) -> dict:
+    """Lower and compile ``jitted(*args)``; memory and cost analysis per device (and the
+    compiled HLO text written to ``hlo_dir/<name>.hlo.txt`` when given)."""
     from jax.errors import JaxRuntimeError
 
     t0 = time.perf_counter()
@@ -249,7 +250,12 @@ def compile_step(name: str, jitted, args, kwargs=None, *, n_dev: int,
     m = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
          ("argument", "output", "alias", "temp", "generated_code")}
     from mopd_jax import flops
-    hlo = flops.hlo_flops(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
+    hlo = flops.hlo_flops(text)
     cost = compiled.cost_analysis() or {}
     return {"step": name, "compiled": True, "compile_s": time.perf_counter() - t0, **m,
             "xla_bytes": m["argument"] + m["output"] - m["alias"] + m["temp"]
@@ -281,7 +287,8 @@ def default_score_rows(cfg, batch: int) -> int:
     return b
 
 
-def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None = None) -> dict:
+def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None = None,
+                      hlo_dir: str | None = None) -> dict:
     """Compile ``steps`` of the config's MOPD recipe for ``target``; the report as a dict."""
     import jax
     import jax.numpy as jnp
@@ -360,12 +367,13 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
                               orm_adv_B=sds((B,), f32) if m.samples_per_prompt >= 2 else None)
             step = make_train_step(graphdef, opt, distill_objective(
                 loss_cfg, aux_coef=mcfg.router_aux_loss_coef), microbatches=k, mesh=mesh)
-            r = compile_step("train", step, (state, batch), n_dev=n_dev, loop_trips=k)
+            r = compile_step("train", step, (state, batch), n_dev=n_dev, loop_trips=k,
+                             hlo_dir=hlo_dir)
             r["model_flops"] = flops.train_flops(mcfg, B, T - 1)
         elif name == "score":
             tokens = jax.ShapeDtypeStruct((rows, T), jnp.int32)
             r = compile_step("score", score_step, (graphdef, t_params, tokens),
-                             {"loss_cfg": loss_cfg, "mesh": mesh}, n_dev=n_dev)
+                             {"loss_cfg": loss_cfg, "mesh": mesh}, n_dev=n_dev, hlo_dir=hlo_dir)
             r["model_flops"] = flops.forward_flops(mcfg, rows, T - 1)
         else:
             _, s_params = abstract_params(mcfg, mesh, "sample")
@@ -375,7 +383,8 @@ def build_and_compile(cfg, target: Target, steps=STEPS, score_rows: int | None =
             dstate = jax.eval_shape(engine.init_decode_state)
             dstate = jax.tree.map(_sds, dstate, engine._state_shardings)
             # the engine's own jit: its donation and out_shardings are part of what is checked
-            r = compile_step("decode", engine._generate_jit, (s_params, dstate), n_dev=n_dev)
+            r = compile_step("decode", engine._generate_jit, (s_params, dstate), n_dev=n_dev,
+                             hlo_dir=hlo_dir)
             r["model_flops"] = flops.decode_flops(mcfg, cfg.rollout.slots, T)
         r["other_live_bytes"] = others[name]
         report["steps"][name] = _judge(r, target, n_dev)
@@ -525,7 +534,8 @@ def run(args) -> None:
     if args.score_rows is not None and args.score_rows < 1:
         raise UsageError(f"--score-rows: must be >= 1, got {args.score_rows}")
     target = parse_topology(args.topology)
-    rep = build_and_compile(load_config(args.config, args.set), target, steps, args.score_rows)
+    rep = build_and_compile(load_config(args.config, args.set), target, steps, args.score_rows,
+                            args.hlo_dir)
     print(json.dumps(rep, indent=1) if args.json else format_report(rep, args.config))
     if not rep["verdict"]["fits"]:
         sys.exit(1)
@@ -546,5 +556,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="rows of one teacher call (default: the pool's bucket for the largest "
                         "domain share of the batch)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--hlo-dir", default=None, metavar="DIR",
+                   help="also write each compiled step's HLO text to DIR/<step>.hlo.txt")
     p.set_defaults(run=run)
     return p

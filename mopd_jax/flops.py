@@ -3,17 +3,18 @@ module with every loop body counted once per trip.
 
 Model FLOPs (PaLM appendix B, MaxText's conventions): ``2 * active matmul params`` per token
 forward (the lm_head counts, the embedding lookup does not; an MoE layer counts its router and
-its k active experts), ``4 * H * (Hd + Vd)`` per visible (query, key) pair, and a train step
-is 3× the forward. Causal attention counts the pairs a query can see: T(T+1)/2 per row, about
-half of full attention (MaxText's ``causal = full / 2``), a sliding window min(i+1, W) per
-query.
+its k active experts), ``2 * H * (Hd + Vd)`` per visible (query, key) pair (QK^T and PV: Hd + Vd
+multiply-adds a head), and a train step is 3× the forward. Causal attention counts the pairs a
+query can see: T(T+1)/2 per row, about half of full attention (MaxText's ``causal = full / 2``:
+full is 4 * T^2 * H * Hd a row), a sliding window min(i+1, W) per query.
 
 ``hlo_flops(text)`` reads ``compiled.as_text()``: ``dot`` and ``convolution`` FLOPs from their
-shapes, Pallas/Mosaic custom calls (megablox ``gmm``/``tgmm``, splash attention) from the cost
-estimate the kernel hands XLA, each computation multiplied by how often it runs: a ``while``
-body by its known trip count (XLA's ``cost_analysis()`` counts a loop body once, so a layer
-``scan`` or a microbatch loop is undercounted by its trip count there), a fusion, call or
-branch once. Elementwise work is not counted: the figure is comparable with the model count.
+shapes, Pallas/Mosaic custom calls from the cost estimate the kernel hands XLA (megablox
+``gmm``/``tgmm``), splash attention, which hands none, analytically from its operands (see
+``_splash_flops``), each computation multiplied by how often it runs: a ``while`` body by its
+known trip count (XLA's ``cost_analysis()`` counts a loop body once, so a layer ``scan`` or a
+microbatch loop is undercounted by its trip count there), a fusion, call or branch once.
+Elementwise work is not counted: the figure is comparable with the model count.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def visible_pairs(T: int, window: int | None = None) -> int:
 
 
 def _attn_per_pair(cfg: ModelConfig) -> int:
-    return 4 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # QK^T and PV, 2 FLOPs a MAC
+    return 2 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # QK^T and PV, 2 FLOPs a MAC
 
 
 def _window(cfg: ModelConfig, i: int):
@@ -73,8 +74,8 @@ def train_flops(cfg: ModelConfig, B: int, T: int) -> float:
 
 def decode_flops(cfg: ModelConfig, tokens: int, context: int) -> float:
     """Forward FLOPs of ``tokens`` single-position rows each attending ``context`` keys."""
-    attn = sum(_attn_per_pair(cfg) // 2 * (context if _window(cfg, i) is None
-                                           else min(context, _window(cfg, i)))
+    attn = sum(_attn_per_pair(cfg) * (context if _window(cfg, i) is None
+                                      else min(context, _window(cfg, i)))
                for i in range(cfg.num_layers))
     return float(tokens * (2 * active_matmul_params(cfg) + attn))
 
@@ -121,11 +122,26 @@ def _split_operands(rest: str) -> tuple[list[str], str]:
     return names, attrs
 
 
+def _lines(text: str):
+    """The module's lines with an instruction's continuation lines joined to it: a Mosaic
+    custom call breaks its ``frontend_attributes`` over lines that start in column 0, and its
+    ``metadata`` and ``backend_config`` (kernel name, cost estimate) sit on the last of them."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if (out and line and not line[0].isspace() and line.strip() != "}"
+                and not _COMP.match(line) and not line.startswith("HloModule")
+                and _INSTR.match(out[-1])):
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
 def _parse(text: str) -> tuple[dict, str | None]:
     """{computation: [(name, shape, opcode, operands, attrs, text, is_root)]}, the entry."""
     comps: dict[str, list] = {}
     entry, cur = None, None
-    for line in text.splitlines():
+    for line in _lines(text):
         m = _COMP.match(line)
         if m:
             cur = comps.setdefault(m.group(2), [])
@@ -223,10 +239,55 @@ def _conv_flops(out, lhs, rhs, attrs) -> float:
     return 2.0 * macs
 
 
-def _custom_call_flops(attrs) -> float:
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")
+_FLOAT = re.compile(r"^(bf16|f16|f32|f64|f8\w*)\[")
+
+
+def _splash_flops(phase: str, operands: list, outputs: list, attrs: str) -> float:
+    """Matmul FLOPs of one splash attention kernel, from its q, k, v operands.
+
+    Splash hands XLA no cost estimate. Its operands are the mask's block tables (integers),
+    then q [..., H, Tq, d], k and v [..., (K,) Tk, d] (``*_layout`` 2: d before T); the
+    leading dims (a vmap over rows) multiply. A causal mask is assumed, so a kernel costs
+    the (query, key) pairs a causal row sees, T(T+1)/2 (MaxText's causal = full / 2; the
+    diagonal blocks the kernel computes whole are not counted). Per pair and head: forward
+    QK and PV, 2(d + dv); the dq kernel recomputes QK and dP and forms dQ, 2(2d + dv); the
+    dkv kernel recomputes QK and dP and forms dK and dV, 2(2d + 2dv), plus 2d more when it
+    also forms dQ (the fused backward, whose outputs hold [key blocks, *q.shape] partial dQs).
+    """
+    arrays = [dims for text, dims in operands if dims and _FLOAT.match(text)]
+    if len(arrays) < 3:
+        return 0.0
+    q, k, v = arrays[:3]
+
+    def seq_dim(x, name):
+        seq_minor = re.search(name + r'_layout\\?"\s*:\s*2', attrs)
+        return (x[-1], x[-2]) if seq_minor else (x[-2], x[-1])
+
+    (Tq, d), (Tk, _), (_, dv) = seq_dim(q, "q"), seq_dim(k, "k"), seq_dim(v, "v")
+    rows_heads = math.prod(q[:-2])
+    pairs = rows_heads * (visible_pairs(Tq) if Tq == Tk else Tq * Tk)
+    per_pair = {"fwd": d + dv, "dq": 2 * d + dv, "dkv": 2 * d + 2 * dv}[phase]
+    if phase == "dkv" and any(o and len(o) == len(q) + 1 and o[-3:] == q[-3:]
+                              for _, o in outputs):
+        per_pair += d  # fused backward: dQ formed here too, one partial per key block
+    return 2.0 * pairs * per_pair
+
+
+def _custom_call_flops(attrs, operands=(), outputs=()) -> float:
+    """A kernel's cost estimate, else a splash kernel's analytic count, else 0."""
     m = re.search(r'"flops"\s*:\s*"?(\d+)', attrs) or re.search(r"\\\"flops\\\"\s*:\s*(\d+)",
                                                                   attrs)
-    return float(m.group(1)) if m else 0.0
+    if m:
+        return float(m.group(1))
+    kernel = _SPLASH.search(attrs) if "tpu_custom_call" in attrs else None
+    return _splash_flops(kernel.group(1), list(operands), list(outputs), attrs) if kernel else 0.0
+
+
+def _tuple_arrays(shape: str) -> list[tuple[str, list[int] | None]]:
+    """(text, dims) of each array in a (possibly tuple) shape."""
+    parts = re.findall(r"[a-z]+\d*\[[\d,]*\]", shape)
+    return [(p, _dims(p)) for p in parts]
 
 
 def hlo_flops(text: str) -> dict:
@@ -244,11 +305,11 @@ def hlo_flops(text: str) -> dict:
         if name in memo:
             return memo[name]
         memo[name] = {k: 0.0 for k in kinds}  # recursion guard
-        shapes, tot = {}, {k: 0.0 for k in kinds}
+        shapes, types, tot = {}, {}, {k: 0.0 for k in kinds}
         caller = {i[0]: i for i in comps.get(name, [])}
         for instr in comps.get(name, []):
             iname, shape, op, operands, attrs = instr[:5]
-            shapes[iname] = _dims(shape)
+            shapes[iname], types[iname] = _dims(shape), shape
             out = shapes[iname]
             ins = [shapes.get(o) for o in operands]
             if op == "dot" and out is not None and ins and ins[0] is not None:
@@ -256,7 +317,9 @@ def hlo_flops(text: str) -> dict:
             elif op == "convolution" and out is not None and len(ins) > 1 and all(ins[:2]):
                 tot["conv"] += _conv_flops(out, ins[0], ins[1], attrs)
             elif op == "custom-call":
-                tot["custom_call"] += _custom_call_flops(attrs)
+                tot["custom_call"] += _custom_call_flops(
+                    attrs, [(types.get(o, ""), shapes.get(o)) for o in operands],
+                    _tuple_arrays(shape))
             callees = [(c, role) for role, c in _CALLEE.findall(attrs)]
             mb = _BRANCHES.search(attrs)
             if mb:

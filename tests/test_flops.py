@@ -1,9 +1,13 @@
 """FLOP accounting: causal attention counts the pairs a query sees, a train step is 3 forwards,
 and the HLO count multiplies a loop body by its trips (XLA's cost_analysis counts it once)."""
 
+import contextlib
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from models.config import preset
@@ -23,7 +27,8 @@ def test_model_flops_causal_train_is_three_forwards():
     B, T = 2, 1024
     fwd = flops.forward_flops(cfg, B, T)
     matmul = 2 * flops.active_matmul_params(cfg) * B * T
-    full_attn = 4 * cfg.num_heads * 2 * cfg.head_dim * T * T * B * cfg.num_layers
+    # full attention: QK^T and PV, each 2 * T * T * head_dim FLOPs per head (MaxText's count)
+    full_attn = 2 * 2 * T * T * cfg.head_dim * cfg.num_heads * B * cfg.num_layers
     assert fwd - matmul == pytest.approx(full_attn * (T + 1) / (2 * T))
     assert flops.train_flops(cfg, B, T) == 3 * fwd
     moe = preset("qwen3-30b-a3b")  # experts count by the k active, not the E held
@@ -94,3 +99,82 @@ def test_hlo_flops_of_tpu_batched_dots_written_as_padded_convolutions():
         hlo = jax.jit(fn).lower(*args).compile().as_text()
         assert "pad=" in hlo and " convolution(" in hlo
         assert flops.hlo_flops(hlo)["flops"] == expect
+
+
+def _v5p_chip():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from mopd_jax import compile_check as cc
+
+    return NamedSharding(Mesh(cc.target_devices(cc.parse_topology("v5p-8"))[:1], ("x",)), P())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hlo_flops_count_splash_kernels_by_the_pairs_a_causal_row_sees(fused):
+    """Splash hands XLA no cost estimate: its kernels, compiled for v5p, are counted from their
+    q, k, v operands. The forward is the model's causal attention (4 B H T(T+1)/2 Hd); the dq
+    kernel recomputes QK and dP (6 per pair and Hd), the dkv kernel QK, dP, dK, dV (8), the
+    fused backward forms dQ there as well (10) instead of in a dq kernel."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, H, K, T, Hd, b = 2, 4, 2, 512, 128, 128
+    dq_blocks = {} if fused else {"block_q_dq": b, "block_kv_dq": b}
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_q_dkv=b, block_kv_dkv=b,
+                          use_fused_bwd_kernel=fused, **dq_blocks)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((T, T))] * H),
+                                block_sizes=sizes, head_shards=1, q_seq_shards=1)
+
+    def attend(q, k, v):
+        return jax.vmap(kernel)(q, k, v).astype(jnp.float32).sum()
+
+    chip = _v5p_chip()
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=chip)  # noqa: E731
+    args = (sds(B, H, T, Hd), sds(B, K, T, Hd), sds(B, K, T, Hd))
+    unit = 2 * B * H * flops.visible_pairs(T) * Hd  # one [pairs, Hd] matmul
+    with jax.default_matmul_precision("default"):  # conftest's fp32 dots do not lower in Mosaic
+        fwd = flops.hlo_flops(jax.jit(attend).lower(*args).compile().as_text())
+        grad = jax.jit(jax.grad(attend, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    assert fwd["custom_call"] == 2 * unit and fwd["dot"] == fwd["conv"] == 0
+    cfg = preset("tiny").replace(num_heads=H, head_dim=Hd, num_layers=1)
+    assert 2 * unit == B * flops._attn_per_pair(cfg) * flops.visible_pairs(T)
+    kernels = re.findall(r"splash_mha_(fwd|dq|dkv)\w*(?:\.\d+)? = ", grad)
+    assert sorted(kernels) == sorted(["fwd", "dkv"] + ([] if fused else ["dq"]))
+    assert flops.hlo_flops(grad)["custom_call"] == (2 + 5 if fused else 2 + 3 + 4) * unit
+
+
+def test_chunked_loss_tiles_split_over_the_tensor_axis():
+    """On a 2 x 4 (fsdp x tensor) mesh every device multiplies only its share of the chunked
+    loss's lm_head tiles, also when the vocabulary chunk asked for (250 of V = 1000) is not a
+    multiple of the tensor axis; the values and gradients equal one device's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mopd_jax import sharding as shd
+    from mopd_jax.chunked import chunked_reverse_kl, chunked_token_logprobs
+
+    mesh = shd.make_mesh(shd.MeshConfig(fsdp=2, tensor=4))
+    B, T, D, V = 4, 64, 64, 1000
+    ks = jax.random.split(jax.random.key(0), 4)
+    h, th = (jax.random.normal(k, (B, T, D)) for k in ks[:2])
+    w, tw = (jax.random.normal(k, (D, V)) / 8 for k in ks[2:])
+    ids = jax.random.randint(ks[0], (B, T), 0, V)
+    chunks = {"vocab_chunk": 256, "seq_chunk": 64}
+
+    def loss(h, w, th, tw, ids, mesh=None):
+        with shd.use_rules(mesh, "train") if mesh is not None else contextlib.nullcontext():
+            return (chunked_token_logprobs(h, w, ids, **chunks).sum()
+                    + chunked_reverse_kl(h, w, th, tw, **chunks).sum())
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    one = jax.jit(grad).lower(h, w, th, tw, ids).compile()
+    rows, cols = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P("fsdp", "tensor"))
+    put = [jax.device_put(x, s) for x, s in zip((h, w, th, tw, ids),
+                                                 (rows, cols, rows, cols, rows))]
+    split = jax.jit(functools.partial(grad, mesh=mesh)).lower(*put).compile()
+    per_device = flops.hlo_flops(split.as_text())["dot"]
+    share = flops.hlo_flops(one.as_text())["dot"] / mesh.size
+    assert share <= per_device <= 1.03 * share  # 1024 padded columns for 1000: 2.4%
+    (v1, g1), (v8, g8) = one(h, w, th, tw, ids), split(*put)
+    np.testing.assert_allclose(v8, v1, rtol=1e-5)
+    for a, b in zip(g8, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
