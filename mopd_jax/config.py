@@ -65,6 +65,10 @@ class RunConfig:
     """Off a terminal, a progress line every this many steps (0: about 20 lines a run)."""
     log_every_s: float = 60.0
     """... and at least every this many seconds."""
+    max_staleness: int = 0
+    """MOPD: sample the rollouts of the next k steps while the current one trains (on the
+    sampler sub-mesh with ``mesh.roles``); a step trains on rollouts of policy version >=
+    step - k. 0: sample, score and train in sequence."""
 
     def __post_init__(self):
         _check(self.recipe in RECIPES, "run.recipe",
@@ -74,6 +78,7 @@ class RunConfig:
         _check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
         _check(self.log_every >= 0, "run.log_every", "must be >= 0")
         _check(self.log_every_s > 0, "run.log_every_s", "must be > 0")
+        _check(self.max_staleness >= 0, "run.max_staleness", "must be >= 0 (0: synchronous)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ Layout of a store directory::
     reward/          float32 [N]      (NaN where absent)
     step/            int32   [N]      non-decreasing
     domain_id/       int32   [N]      index into meta.json's ``domains``
+    version/         int32   [N]      policy version that sampled the row (-1: not given;
+                                      async MOPD trains step s on versions >= s - k)
 
 ``meta.json`` is the only source of truth for how many rows exist. ``append`` writes the data
 rows first and then replaces ``meta.json`` atomically, so a reader (which reads the count
@@ -40,9 +42,10 @@ _ARRAYS = {
     "reward": ("float32", False, "NaN"),
     "step": ("int32", False, 0),
     "domain_id": ("int32", False, 0),
+    "version": ("int32", False, -1),
 }
 COLUMNS = ("tokens", "prompt_len", "length", "sampler_logp", "teacher_logp", "reward", "step",
-           "domain")
+           "domain", "version")
 _CHUNK_BYTES = 4 << 20  # target bytes per [rows, L] chunk
 
 
@@ -192,7 +195,7 @@ class RolloutStore:
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, step: int, tokens, prompt_len, length, sampler_logp, teacher_logp=None,
-               reward=None, domains: Sequence[str] | None = None) -> None:
+               reward=None, domains: Sequence[str] | None = None, version=None) -> None:
         """Append B rollouts of training step ``step`` and publish them.
 
         Per-token arrays are [B, L'] and are padded or truncated to ``max_len``; lengths are
@@ -235,6 +238,7 @@ class RolloutStore:
             "reward": vec(reward, np.float32, np.nan),
             "step": np.full((B,), step, np.int32),
             "domain_id": np.asarray(ids, np.int32),
+            "version": vec(version, np.int32, -1),
         }
         start = self._meta["num_rows"]
         self._write_rows(start, rows)
@@ -289,7 +293,7 @@ class RolloutStore:
         """Rows [start, stop) of published rows as numpy arrays; ``domain`` holds the names.
 
         Keys (or just ``columns``): tokens, prompt_len, length, sampler_logp, teacher_logp,
-        reward, step, domain.
+        reward, step, domain, version.
         """
         columns = list(COLUMNS if columns is None else columns)
         if unknown := set(columns) - set(COLUMNS):

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-STATE, EXTRA = "state", "extra"
+STATE, EXTRA, HOST = "state", "extra", "host"  # host: optional numpy arrays (in-flight rollouts)
 # Files a finalized step holds (orbax 0.12 writes commit_success.txt in both atomicity modes,
 # before the rename on local disks; a bare or half-copied step directory lacks them).
 _REQUIRED = ("commit_success.txt", "_CHECKPOINT_METADATA", f"{STATE}/_METADATA",
@@ -148,15 +148,18 @@ class RunCheckpointer:
             self._mngr = ocp.CheckpointManager(
                 self.directory, options=self._options,
                 item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                               EXTRA: ocp.JsonCheckpointHandler()})
+                               EXTRA: ocp.JsonCheckpointHandler(),
+                               HOST: ocp.StandardCheckpointHandler()})
         return self._mngr
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     # ------------------------------------------------------------------------------- save
-    def save(self, step: int, state, extra: dict | None = None, *, force: bool = False) -> bool:
-        """Start saving ``state`` and ``extra`` as ``step``; True if a save was started.
+    def save(self, step: int, state, extra: dict | None = None, *, force: bool = False,
+             host: dict | None = None) -> bool:
+        """Start saving ``state`` and ``extra`` (and ``host``, a pytree of numpy arrays, when
+        given: ``restore_host`` reads it) as ``step``; True if a save was started.
 
         Returns once device arrays are copied to host (async). A step not after the latest
         saved one is skipped unless ``force``; an existing step is never overwritten (False).
@@ -172,8 +175,23 @@ class RunCheckpointer:
         mngr = self._manager(create=True)
         if step in mngr.all_steps():
             return False
-        return mngr.save(step, force=force, args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(extra)}))
+        items = {STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(extra)}
+        if host:
+            items[HOST] = ocp.args.StandardSave(host)
+        return mngr.save(step, force=force, args=ocp.args.Composite(**items))
+
+    def restore_host(self, step: int) -> dict | None:
+        """The ``host`` arrays saved with ``step`` (numpy), or None if it has none."""
+        if not (self.step_dir(step) / HOST).exists():
+            return None
+        mngr = self._manager(create=False)
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(
+                **{HOST: ocp.args.StandardRestore()}))[HOST]
+        except Exception as e:  # tensorstore / orbax errors alike mean damaged files
+            raise RunCheckpointError(f"{self.step_dir(step) / HOST}: corrupt or partial "
+                                     f"({_one_line(e)}); resume from another step or start "
+                                     "over") from None
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is committed."""

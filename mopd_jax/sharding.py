@@ -45,9 +45,22 @@ class MeshConfig:
     """Tensor parallelism over heads, MLP width and vocabulary."""
     expert: int = 1
     """Expert parallelism over the MoE expert axis."""
+    roles: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Disaggregated sub-meshes: devices per role (trainer, sampler, optionally teachers),
+    taken in device order; each role's mesh has the axes above (one may be -1). Empty: one
+    mesh for everything. Single-process only for now."""
 
     def __post_init__(self):
-        sizes = dataclasses.astuple(self)
+        sizes = self.axis_sizes()
+        unknown = sorted(set(self.roles) - set(ROLES))
+        if unknown:
+            raise MeshError(f"mesh.roles: unknown role(s) {unknown}; choose from {list(ROLES)}")
+        if self.roles and not {"trainer", "sampler"} <= set(self.roles):
+            raise MeshError("mesh.roles: give both trainer and sampler device counts (and "
+                            "optionally teachers), e.g. mesh.roles={trainer: 4, sampler: 4}")
+        for role, n in self.roles.items():
+            if not isinstance(n, int) or n < 1:
+                raise MeshError(f"mesh.roles.{role}: must be a device count >= 1, got {n!r}")
         if sum(s == -1 for s in sizes) > 1:
             raise MeshError("mesh: at most one axis may be -1 (the rest of the devices); "
                             f"got {dict(zip(MESH_AXES, sizes))}")
@@ -55,9 +68,12 @@ class MeshConfig:
             if s == 0 or s < -1:
                 raise MeshError(f"mesh.{name}: must be a positive size or -1, got {s}")
 
+    def axis_sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in MESH_AXES)
+
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Concrete axis sizes for ``num_devices``; a clear error when they do not fit."""
-        sizes = dict(zip(MESH_AXES, dataclasses.astuple(self)))
+        sizes = dict(zip(MESH_AXES, self.axis_sizes()))
         fixed = math.prod(s for s in sizes.values() if s != -1)
         for name, s in sizes.items():
             if s == -1:
@@ -73,6 +89,8 @@ class MeshConfig:
                 f"{num_devices} are available; set one axis to -1 or change the sizes")
         return sizes
 
+
+ROLES = ("trainer", "sampler", "teachers")  # mesh.roles, in device order
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated), per role.
 RULES: dict[str, dict[str, object]] = {
@@ -155,6 +173,32 @@ def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices=None) -
     except Exception:  # non-TPU topologies or fake CPU devices
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
+
+
+def make_role_meshes(cfg: MeshConfig, devices=None) -> dict[str, Mesh]:
+    """One mesh per ``cfg.roles`` entry over disjoint devices (trainer first, then sampler,
+    then teachers, in device order); {} without roles."""
+    if not cfg.roles:
+        return {}
+    if jax.process_count() > 1:
+        raise MeshError("mesh.roles: disaggregated sub-meshes are single-process for now; "
+                        "drop mesh.roles for a multi-process run")
+    devices = list(jax.devices() if devices is None else devices)
+    want = sum(cfg.roles.values())
+    if want != len(devices):
+        raise MeshError(f"mesh.roles: {dict(cfg.roles)} asks for {want} devices but "
+                        f"{len(devices)} are available; make the counts add up to "
+                        f"{len(devices)}")
+    out, at = {}, 0
+    for role in ROLES:
+        if role in cfg.roles:
+            n = cfg.roles[role]
+            try:
+                out[role] = make_mesh(dataclasses.replace(cfg, roles={}), devices[at:at + n])
+            except MeshError as e:
+                raise MeshError(f"mesh.roles.{role}={n}: {e}") from None
+            at += n
+    return out
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

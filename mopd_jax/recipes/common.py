@@ -62,6 +62,12 @@ class Run:
     init_params: nnx.State | None = None  # pi_0 as loaded (frozen: 'self' teacher, KL ref)
     engine: Engine | None = None  # the student's rollout engine (shapes of pi_0)
     header: str = ""  # printed when the loop starts (a failed start prints only its error)
+    roles: dict = dataclasses.field(default_factory=dict)  # mesh.roles' sub-meshes ({}: none)
+
+    def mesh_for(self, role: str) -> Mesh:
+        """The mesh of ``role`` (trainer, sampler, teachers): its sub-mesh under mesh.roles,
+        else the one mesh (teachers without their own sub-mesh live with the trainer)."""
+        return self.roles.get(role) or self.mesh
 
     def domain_ids(self, names) -> np.ndarray:
         return np.asarray([self.domains.index(d) for d in names], np.int32)
@@ -140,7 +146,8 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
         raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"{vocab} ids; use a model whose vocabulary covers the tokenizer")
     located_train, located_eval = run_records.load_located(cfg)
-    mesh = shd.make_mesh(cfg.mesh)
+    roles = shd.make_role_meshes(cfg.mesh)
+    mesh = roles.get("trainer") or shd.make_mesh(cfg.mesh)
     warnings = validate.preflight(
         cfg, cfg.model, tok, [x for v in located_train.values() for x in v],
         [x for v in located_eval.values() for x in v],
@@ -152,12 +159,19 @@ def setup(cfg: Config, *, resume: bool = False, quiet: bool = False) -> Run:
         procs = jax.process_count()
         header = "\n".join([
             f"# {cfg.run.recipe} run {cfg.run.name!r} -> {out} ({mesh.size} devices, {procs} "
-            f"process{'es' if procs > 1 else ''})", f"# {rewards_line}",
+            f"process{'es' if procs > 1 else ''})", *_roles_line(roles), f"# {rewards_line}",
             format_config(cfgmod.to_dict(cfg)), *warnings])
     train = {k: [r for _, r in v] for k, v in located_train.items()}
     evals = {k: [r for _, r in v] for k, v in located_eval.items()}
     all_domains = tuple(sorted(set(train) | set(evals) | set(cfg.mopd.teachers)))
-    return Run(cfg, out, mesh, tok, all_domains, train, evals, header=header)
+    return Run(cfg, out, mesh, tok, all_domains, train, evals, header=header, roles=roles)
+
+
+def _roles_line(roles: dict) -> list[str]:
+    if not roles:
+        return []
+    return ["# sub-meshes: " + ", ".join(f"{r} {m.size} devices {dict(m.shape)}"
+                                         for r, m in roles.items())]
 
 
 def recorded_config(cfg: Config) -> Config:
@@ -237,7 +251,7 @@ def _engine(run: Run) -> Engine:
                   record_routing=bool(replay),
                   max_prefill_length=cfg.data.max_prompt_len, max_target_length=seq_len(cfg),
                   max_prefill_batch=cfg.rollout.prefill_batch,
-                  stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh,
+                  stop_tokens=(run.tokenizer.eos_id,), mesh=run.mesh_for("sampler"),
                   pad_id=getattr(run.tokenizer, "pad_id", 0) or 0)
 
 
@@ -364,13 +378,16 @@ def flatten_metrics(prefix: str, metrics: dict, domains) -> dict[str, float]:
 
 
 def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: bool = False,
-               prefix: str = "train", store=None, final_eval: bool = True):
+               prefix: str = "train", store=None, final_eval: bool = True, carry=None):
     """Run ``step_fn`` from the last checkpoint (or 0) to ``total_steps``; see module doc.
 
     ``step_fn(state, step, loop) -> (state, device_metrics, host_metrics, rows)``; ``rows`` is
     None or the kwargs of ``RolloutStore.append``. With ``optimizer.sample_budget`` the run
     ends at the first step after which that many samples are consumed (total_steps is a cap)
-    and the learning rate follows ``lr_at``. Returns (final state, ``Loop``).
+    and the learning rate follows ``lr_at``. ``carry`` (optional) is host state checkpointed
+    with the run (``host_state() -> {name: np.ndarray} | None`` at every save,
+    ``load_host_state(arrays | None, step)`` on resume): async MOPD's in-flight rollouts.
+    Returns (final state, ``Loop``).
     """
     from mopd_jax.run_checkpoint import GracefulStop, RunCheckpointer, abstract_like
 
@@ -389,6 +406,8 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
         pipeline.set_state(extra["data"])
         loop.samples.update(extra.get("samples", {}))
         loop.initial_kl.update(extra.get("initial_kl", {}))
+        if carry is not None:
+            carry.load_host_state(ckpt.restore_host(start), start)
         print(f"resumed {run.out} at step {start}", file=sys.stderr)
     elif resume and is_primary():
         print(f"--resume: no checkpoint in {run.out / 'checkpoints'}; starting from step 0",
@@ -404,7 +423,8 @@ def train_loop(run: Run, state, step_fn, *, pipeline, total_steps: int, resume: 
     def save(step, state, force=False):
         ckpt.save(step, state, {"data": pipeline.get_state(), "step": step,
                                 "samples": loop.samples, "initial_kl": loop.initial_kl,
-                                "config": cfgmod.to_dict(cfg)}, force=force)
+                                "config": cfgmod.to_dict(cfg)}, force=force,
+                  host=None if carry is None else carry.host_state())
 
     pending = None  # (step, device metrics, host metrics): fetched one step late
     last: dict = {}  # the latest flushed metrics (what the progress line shows)

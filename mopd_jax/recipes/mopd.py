@@ -9,12 +9,16 @@ distillation loss + train_step -> metrics, rollout store, checkpoint.
 
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 
 from mopd_jax.batches import MOPDBatch
 from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.losses import group_advantages_host
 from mopd_jax.recipes import common
+from mopd_jax.recipes.rollout_queue import Produced, RolloutQueue, sampler_copy
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import distill_objective
 from mopd_jax.teachers import SELF, TeacherError, load_teachers, short_name
@@ -39,13 +43,15 @@ def check_routing(run: common.Run) -> None:
 def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
     """MOPD for optimizer.total_steps steps; saves OUT/model."""
     common.check_untruncated(cfg)
+    check_async(cfg)
     run = common.setup(cfg, resume=resume, quiet=quiet)
     m = cfg.mopd
     check_routing(run)
     run = common.init_student(run)
     pool = load_teachers(m.teachers, m.fallback, student=(run.graphdef, run.init_params,
                                                           run.model_cfg),
-                         mesh=run.mesh, placement=m.placement, student_tokenizer=run.tokenizer,
+                         mesh=run.mesh_for("teachers"), placement=m.placement,
+                         student_tokenizer=run.tokenizer,
                          score_rows=m.score_rows)
     loss_cfg = loss_config(run)
     n = m.samples_per_prompt
@@ -58,11 +64,25 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
         loss_cfg, aux_coef=run.model_cfg.router_aux_loss_coef))
     store = common.open_store(run)
 
-    def step_fn(state, i, loop):
+    k = cfg.run.max_staleness
+
+    def produce(j, params, version):
+        """Step j's rollouts, sampled by policy ``version`` (params on the sampler mesh)."""
         prompts = next(pipeline)
-        rb = rollout(run.engine, state["params"], prompts, n=n,
-                     sampling=common.sampling_params(cfg), seed=common.step_seed(cfg, i))
-        rewards = common.rewards_of(run, rb)
+        t0 = time.perf_counter()
+        rb = rollout(run.engine, params, prompts, n=n, sampling=common.sampling_params(cfg),
+                     seed=common.step_seed(cfg, j))
+        return Produced(j, version, rb, common.rewards_of(run, rb),
+                        sample_s=time.perf_counter() - t0)
+
+    queue = RolloutQueue(k, cfg.optimizer.total_steps, produce=produce, domains=run.domains,
+                         to_sampler=(lambda p: sampler_copy(run.engine, p)) if k else
+                         (lambda p: p))
+
+    def step_fn(state, i, loop):
+        item, sampler_params = queue.take(i, state["params"])
+        rb, rewards = item.rb, item.rewards
+        t0 = time.perf_counter()
         teacher = pool.score(rb.tokens, rb.domain, loss_cfg, lengths=rb.lengths)
         batch = MOPDBatch(
             tokens_BT=rb.tokens, mask_BT=rb.response_mask.astype(np.int32),
@@ -72,12 +92,17 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
         for d in rb.domain:
             loop.count(d)
         host = loop.sample_metrics()
+        host.update({"time/sample_s": item.sample_s, "time/score_s": time.perf_counter() - t0})
+        if k:
+            host.update({"async/staleness": float(i - item.version),
+                         "async/policy_version": float(item.version)})
         # every estimator's teacher returns the sampled tokens' log-probs (C and the GKD ones
         # only for this log): the first step's KL stays in the loop's state
         if teacher.logp_BT is not None:
             pool.log_initial_kl(_teacher_kl(pool, rb, teacher.logp_BT), loop.initial_kl)
             host.update({f"mopd/initial_kl/{t}": kl for t, kl in loop.initial_kl.items()})
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch)  # dispatched: the sampler works meanwhile
+        queue.ahead(i, sampler_params)
         rows = None
         if store is not None:
             t_logp = None
@@ -85,13 +110,27 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
                 t_logp = np.pad(teacher.logp_BT, ((0, 0), (1, 0)), constant_values=np.nan)
             rows = dict(tokens=rb.tokens, prompt_len=rb.prompt_lengths, length=rb.lengths,
                         sampler_logp=rb.logprobs, teacher_logp=t_logp, reward=rewards,
-                        domains=list(rb.domain))
+                        domains=list(rb.domain), version=np.full(len(rb), item.version))
         return state, metrics, host, rows
 
     state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
                                     total_steps=cfg.optimizer.total_steps, resume=resume,
-                                    prefix="mopd", store=store)
+                                    prefix="mopd", store=store, carry=queue if k else None)
+    if k and common.is_primary() and queue.staleness:
+        hist = ", ".join(f"{lag}: {c}" for lag, c in sorted(queue.staleness.items()))
+        print(f"async MOPD (run.max_staleness={k}): steps trained at each staleness {{{hist}}}",
+              file=sys.stderr)
     return common.finish(run, state["params"], loop)
+
+
+def check_async(cfg) -> None:
+    """Staleness needs an estimator that corrects off-policy samples token by token."""
+    k, est = cfg.run.max_staleness, cfg.mopd.estimator
+    if k and est != "A":
+        raise TeacherError(f"run.max_staleness={k}: estimator {est} assumes on-policy samples "
+                           "(its expectation is under the current student), so stale rollouts "
+                           "would bias it; use mopd.estimator=A (its IcePop mask and IS ratio "
+                           "use each rollout's own sampler log-probs) or run.max_staleness=0")
 
 
 def _teacher_kl(pool, rb, teacher_logp_BT1) -> dict[str, float]:
