@@ -175,10 +175,33 @@ def _constant(instr, scope: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _loop_step(comps: dict, while_instr, index: int) -> int | None:
+    """The constant the body adds to tuple element ``index`` (the loop counter), or None."""
+    body = re.search(r"body=%?([\w.\-]+)", while_instr[4])
+    instrs = comps.get(body.group(1), []) if body else []
+    by_name = {i[0]: i for i in instrs}
+    root = next((i for i in instrs if i[6]), None)
+    if root is None or root[2] != "tuple" or index >= len(root[3]):
+        return None
+    upd = by_name.get(root[3][index])
+    while upd is not None and upd[2] in ("copy", "bitcast", "convert") and upd[3]:
+        upd = by_name.get(upd[3][0])
+    if upd is None or upd[2] != "add" or len(upd[3]) != 2:
+        return None
+    for a, b in (upd[3], upd[3][::-1]):
+        counter, step = by_name.get(a), _constant(by_name.get(b), by_name)
+        if (step is not None and counter is not None and counter[2] == "get-tuple-element"
+                and re.search(r"index=(\d+)", counter[4]).group(1) == str(index)):
+            return step
+    return None
+
+
 def _inferred_trips(comps: dict, caller: dict, while_instr) -> int | None:
     """Trips of a counted loop whose condition is ``i < N`` (``i <= N``) on a tuple element
-    that starts at a constant and steps by one, as ``fori_loop`` and ``scan`` lower (XLA:TPU
-    does not annotate ``known_trip_count``); None if the loop is not of that form."""
+    that starts at a constant and steps by a constant, as ``fori_loop`` and ``scan`` lower
+    (XLA:TPU does not annotate ``known_trip_count``) and as XLA's windowed einsums (an
+    all-gathered matmul as a loop over shards, two a trip: i += 2) do; None if the loop is not
+    of that form."""
     cond = re.search(r"condition=%?([\w.\-]+)", while_instr[4])
     body = comps.get(cond.group(1), []) if cond else []
     by_name = {i[0]: i for i in body}
@@ -202,7 +225,10 @@ def _inferred_trips(comps: dict, caller: dict, while_instr) -> int | None:
         start = _constant(caller.get(init_tuple[3][index]), caller)
         if start is None:
             return None
-    return max(bound - start + (op == "LE"), 0)
+    step = _loop_step(comps, while_instr, index)
+    if step is None or step <= 0:
+        return None
+    return max(-(-(bound - start + (op == "LE")) // step), 0)
 
 
 def _dot_flops(out, lhs, attrs) -> float:
@@ -371,3 +397,96 @@ def summary(compiled, model_flops: float, devices: int = 1) -> dict:
             "cost_analysis_flops": cost_analysis_flops(compiled),
             "model_flops": model_flops,
             "hlo_over_model": h["flops"] * devices / model_flops if model_flops else float("nan")}
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+
+
+def _frames(text: str) -> dict[int, str]:
+    """stack_frame_id -> 'function file:line' of its innermost location (the module's
+    FileNames / FunctionNames / FileLocations / StackFrames tables)."""
+    tables: dict[str, dict[int, str]] = {}
+    cur = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            cur = tables.setdefault(line, {})
+        elif cur is not None and line[:1].isdigit():
+            key, _, val = line.partition(" ")
+            cur[int(key)] = val
+        elif cur is not None:
+            cur = None
+    files, funcs = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locs = {}
+    for k, v in tables.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+)", v)
+        fn = re.search(r"function_name_id=(\d+)", v)
+        ln = re.search(r"\bline=(\d+)", v)
+        path = files.get(int(f.group(1)), "?").strip('"') if f else "?"
+        locs[k] = (f"{funcs.get(int(fn.group(1)), '?').strip(chr(34))} "
+                   f"{'/'.join(path.split('/')[-2:])}:{ln.group(1) if ln else '?'}")
+    stack = {}
+    for k, v in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        parent = re.search(r"parent_frame_id=(\d+)", v)
+        stack[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) - 1 if parent else 0)
+    out = {}
+    for k in stack:  # the innermost frame outside installed libraries (jax, flax, optax)
+        frame, seen = k, set()
+        while frame in stack and frame not in seen:
+            seen.add(frame)
+            loc = stack[frame][0]
+            if "site-packages" not in files.get(_loc_file(tables, loc), ""):
+                break
+            frame = stack[frame][1]
+        out[k] = locs.get(stack.get(frame, stack[k])[0], "?")
+    return out
+
+
+def _loc_file(tables, loc: int) -> int:
+    m = re.search(r"file_name_id=(\d+)", tables.get("FileLocations", {}).get(loc, ""))
+    return int(m.group(1)) if m else 0
+
+
+def flops_by_op(text: str) -> dict[str, float]:
+    """Matmul FLOPs of a compiled module by where the op was written: 'fwd|bwd function
+    file:line' (bwd: under a ``transpose``), loops counted per trip, every branch of a
+    conditional counted. Where the HLO's FLOPs go, largest first."""
+    comps, entry = _parse(text)
+    frames = _frames(text)
+    out: dict[str, float] = {}
+
+    def walk(name: str, mult: float):
+        shapes, types = {}, {}
+        caller = {i[0]: i for i in comps.get(name, [])}
+        for instr in comps.get(name, []):
+            iname, shape, op, operands, attrs = instr[:5]
+            shapes[iname], types[iname] = _dims(shape), shape
+            out_dims, ins = shapes[iname], [shapes.get(o) for o in operands]
+            f = 0.0
+            if op == "dot" and out_dims is not None and ins and ins[0] is not None:
+                f = _dot_flops(out_dims, ins[0], attrs)
+            elif op == "convolution" and out_dims is not None and len(ins) > 1 and all(ins[:2]):
+                f = _conv_flops(out_dims, ins[0], ins[1], attrs)
+            elif op == "custom-call":
+                f = _custom_call_flops(attrs, [(types.get(o, ""), shapes.get(o))
+                                               for o in operands], _tuple_arrays(shape))
+            if f:
+                m, fr = _OP_NAME.search(attrs), _FRAME.search(attrs)
+                phase = "bwd" if m and "transpose(" in m.group(1) else "fwd"
+                where = frames.get(int(fr.group(1)), "?") if fr else op
+                key = f"{phase} {where}"
+                out[key] = out.get(key, 0.0) + f * mult
+            trips = 1
+            if op == "while":
+                mt = _TRIPS.search(attrs)
+                trips = int(mt.group(1)) if mt else (_inferred_trips(comps, caller, instr) or 1)
+            mb = _BRANCHES.search(attrs)
+            callees = [c for role, c in _CALLEE.findall(attrs) if role != "condition"]
+            callees += [b.strip().lstrip("%") for b in mb.group(1).split(",")] if mb else []
+            for c in callees:
+                walk(c, mult * trips)
+
+    if entry:
+        walk(entry, 1.0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

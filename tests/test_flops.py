@@ -178,3 +178,40 @@ def test_chunked_loss_tiles_split_over_the_tensor_axis():
     np.testing.assert_allclose(v8, v1, rtol=1e-5)
     for a, b in zip(g8, g1):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_hlo_flops_inferred_trips_follow_the_counter_step():
+    """XLA:TPU's windowed einsum (an all-gathered matmul as a loop over shards) steps its
+    counter by two and does two shards a trip: i < 8 by 2 is 4 trips, not 8."""
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %d = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %e = f32[8,8] dot(%d, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %j = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[8,8]) tuple(%j, %e)
+}
+
+%cond (p: (s32[], f32[8,8])) -> pred[] {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]) tuple(%zero, %x)
+  %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8,8] get-tuple-element(%w), index=1
+}
+"""
+    h = flops.hlo_flops(hlo)
+    assert [t for _, t in h["loops"]] == [4] and not h["unknown_trips"]
+    assert h["flops"] == 4 * 2 * (2 * 8 * 8 * 8)
+    assert sum(flops.flops_by_op(hlo).values()) == h["flops"]
