@@ -40,8 +40,15 @@ def _per_group(x, w, sizes):
     return jnp.concatenate(out)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grouped_matmul_equals_per_group_matmuls(impl):
+# (block_rows, capacity) of blocked and of ragged's weight gradient: rows past a group's
+# capacity run in the block loop (several blocks of one group at 4); capacity 0: loop only
+LAYOUTS = [(8, None), (4, 0), (4, 4), (None, None)]
+
+
+@pytest.mark.parametrize("impl, block_rows, capacity",
+                         [("megablox", 8, None)]  # its own tiling
+                         + [(i, *lay) for i in ("ragged", "blocked") for lay in LAYOUTS])
+def test_grouped_matmul_equals_per_group_matmuls(impl, block_rows, capacity):
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (40, 24))
     w = jax.random.normal(kw, (len(GROUPS), 24, 16))
@@ -52,10 +59,11 @@ def test_grouped_matmul_equals_per_group_matmuls(impl):
         y, pull = jax.vjp(f, x, w)
         return (y, *pull(cot))
 
-    ours = jax.jit(lambda: vjp(lambda a, b: gmm(a, b, gs, impl, block_rows=8)))()
+    ours = jax.jit(lambda: vjp(lambda a, b: gmm(a, b, gs, impl, block_rows=block_rows,
+                                                capacity=capacity)))()
     ref = vjp(lambda a, b: _per_group(a, b, GROUPS))
     for a, b, what in zip(ours, ref, ("y", "dx", "dw")):
-        _close(a, b, f"{impl} {what}")
+        _close(a, b, f"{impl} {block_rows} {capacity} {what}")
     assert not np.any(np.asarray(ours[2])[[1, 4]])  # empty groups get no weight gradient
 
 

@@ -73,28 +73,30 @@ def run(args) -> dict:
         return jax.jit(lambda s, x: jax.value_and_grad(
             lambda s, x: jnp.sum(jnp.sin(forward(s, x))), argnums=(0, 1))(s, x))
 
-    out, fns = {}, {}
-    for impl in impls + ["dense"]:
-        f = make(impl)
+    fns = {impl: make(impl) for impl in impls + ["dense"]}
+    ref = jax.block_until_ready(fns["dense"](states, x))  # compile + warm
+    diffs = {}
+    for impl in impls:  # one impl's result beside dense's at a time (a gradient is 2.4 GB)
+        ours = jax.block_until_ready(fns[impl](states, x))
+        diffs[impl] = (_max_diff(ours, ref) if args.mode == "fwd" else _max_diff(ours[0], ref[0]),
+                       None if args.mode == "fwd" else _max_diff(ours[1], ref[1]))
+        del ours
+    del ref
+    # timed calls keep no result: only the running call's buffers are alive
+    def timed(f):
+        def call():
+            jax.block_until_ready(f(states, x))
+        return call
 
-        def call(f=f, impl=impl):  # keeps one result per impl (a gradient is 2.4 GB at E=128)
-            out.pop(impl, None)
-            out[impl] = jax.block_until_ready(f(states, x))
-        fns[impl] = call
-    for fn in fns.values():
-        fn()  # compile + warm
-    times, _ = interleaved(fns, args.iters)
+    calls = {impl: timed(f) for impl, f in fns.items()}
+    times, _ = interleaved(calls, args.iters)
     t_dense = spread(times["dense"])
     rows = {}
     for impl in impls:
         t = spread(times[impl])
         x_d = spread(ratios(times["dense"], times[impl]))
-        ours, ref = out[impl], out["dense"]
-        rows[impl] = {"ms": scaled(t, 1e3), "x_dense": x_d,
-                      "max_abs_diff": _max_diff(ours if args.mode == "fwd" else ours[0],
-                                                ref if args.mode == "fwd" else ref[0]),
-                      "grad_max_abs_diff": None if args.mode == "fwd"
-                      else _max_diff(ours[1], ref[1])}
+        rows[impl] = {"ms": scaled(t, 1e3), "x_dense": x_d, "max_abs_diff": diffs[impl][0],
+                      "grad_max_abs_diff": diffs[impl][1]}
     flops_active = (3 if args.mode == "train" else 1) * 2 * 3 * args.tokens * args.top_k \
         * cfg.hidden_size * cfg.moe_intermediate_size * args.layers
     res = {"env": env, "tokens": args.tokens, "layers": args.layers, "E": cfg.num_experts,
