@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     from mopd_jax.bench import moe
     moe.add_parser(bsub)
-    for mod in ("sample", "loss", "step", "pipeline", "all", "report"):
+    for mod in ("sample", "loss", "step", "pipeline", "replay", "all", "report"):
         try:
             __import__(f"mopd_jax.bench.{mod}", fromlist=["add_parser"]).add_parser(bsub)
         except ImportError:

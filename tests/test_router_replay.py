@@ -118,3 +118,19 @@ def test_a_dense_model_has_no_routing_to_record():
     graphdef, params = nnx.split(models.build(dense, nnx.Rngs(0)))
     with pytest.raises(EngineError, match="no MoE layers"):
         Engine(graphdef, params, max_prefill_length=16, record_routing=True)
+
+
+def test_bench_replay_measures_the_mismatch_replay_removes(capsys):
+    import argparse
+    from mopd_jax.bench.replay import add_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)  # what `mopd bench replay --prompts 8 --new-tokens 8 --iters 1` runs
+    args = sub.choices["replay"].parse_args(["--prompts", "8", "--new-tokens", "8",
+                                             "--iters", "1"])
+    res = args.run(args)
+    out = capsys.readouterr().out
+    assert "|logpi-mu| replay" in out and "bytes per token" in out
+    same, bf16 = res["settings"]["same"], res["settings"]["bf16"]
+    assert same["flips"] == 0.0 and same["replay"] < 1e-5  # same numerics: nothing to fix
+    assert bf16["flips"] > 0 and bf16["replay"] < bf16["no_replay"]  # bf16 sampler: R3 helps
+    assert res["bytes_per_token"] == res["moe_layers"] * res["k"]
