@@ -279,7 +279,7 @@ def summarize(rounds: list[tuple[dict, dict]], warmup: tuple[dict, dict]) -> dic
                   "prefill": counts["prompt_tokens"] / max(med["prefill"], 1e-9),
                   "scoring": resp / med["scoring"], "train": resp / med["train"],
                   "grpo_train": resp / med["grpo_train"]},
-        "compile_s": compile_s,
+        "compile_s": compile_s, "rounds": times,
     }
 
 
