@@ -61,6 +61,9 @@ class RunConfig:
     """Evaluate on the held-out set every this many steps (0: only at the end)."""
     store_rollouts: bool = True
     """Append every step's rollouts to the tensorstore rollout store ``OUT/rollouts``."""
+    store_routing: bool = False
+    """MOPD with mopd.router_replay: also store the sampler's experts per token (L_moe * k
+    bytes a token) in ``OUT/rollouts/expert_ids``."""
     log_every: int = 0
     """Off a terminal, a progress line every this many steps (0: about 20 lines a run)."""
     log_every_s: float = 60.0

@@ -14,6 +14,12 @@ Layout of a store directory::
     version/         int32   [N]      policy version that sampled the row (-1: not given;
                                       async MOPD trains step s on versions >= s - k)
 
+Optional (written when ``append`` gets ``expert_ids``, e.g. ``run.store_routing``)::
+
+    expert_ids/      uint8/int16 [N, L, L_moe * k]  the sampler's experts per token and MoE
+                                      layer (router replay's record); meta.json's ``routing``
+                                      holds [L_moe, k] and the dtype; read as [N, L, L_moe, k]
+
 ``meta.json`` is the only source of truth for how many rows exist. ``append`` writes the data
 rows first and then replaces ``meta.json`` atomically, so a reader (which reads the count
 first) never sees a partly-written row, and rows a crashed writer left beyond the count are
@@ -68,6 +74,22 @@ def _array_spec(path: Path, name: str, max_len: int | None = None) -> dict:
             "chunk_grid": {"name": "regular", "configuration": {
                 "chunk_shape": [rows, max_len] if is_2d else [rows]}},
             "fill_value": fill,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "zstd", "configuration": {"level": 1}}],
+        }
+    return spec
+
+
+def _routing_spec(path: Path, max_len: int | None = None, width: int = 0,
+                  dtype: str = "uint8") -> dict:
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "expert_ids")}}
+    if max_len is not None:
+        rows = max(1, min(1024, _CHUNK_BYTES // (max_len * width)))
+        spec["metadata"] = {
+            "shape": [0, max_len, width], "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {
+                "chunk_shape": [rows, max_len, width]}},
+            "fill_value": 0,
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                        {"name": "zstd", "configuration": {"level": 1}}],
         }
@@ -182,7 +204,9 @@ class RolloutStore:
         a = self._arrays.get(name)
         if a is None or a.shape[0] < rows:
             try:
-                a = ts.open(_array_spec(self.path, name), open=True).result()
+                spec = (_routing_spec(self.path) if name == "expert_ids"
+                        else _array_spec(self.path, name))
+                a = ts.open(spec, open=True).result()
             except ValueError as e:
                 raise StoreError(f"rollout store {self.path}: cannot open array {name!r}: "
                                  f"{e}") from e
@@ -195,7 +219,8 @@ class RolloutStore:
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, step: int, tokens, prompt_len, length, sampler_logp, teacher_logp=None,
-               reward=None, domains: Sequence[str] | None = None, version=None) -> None:
+               reward=None, domains: Sequence[str] | None = None, version=None,
+               expert_ids=None) -> None:
         """Append B rollouts of training step ``step`` and publish them.
 
         Per-token arrays are [B, L'] and are padded or truncated to ``max_len``; lengths are
@@ -240,10 +265,42 @@ class RolloutStore:
             "domain_id": np.asarray(ids, np.int32),
             "version": vec(version, np.int32, -1),
         }
+        meta = dict(self._meta)
+        if expert_ids is not None or meta.get("routing"):
+            rows["expert_ids"] = self._routing_rows(expert_ids, B, L, meta)
         start = self._meta["num_rows"]
         self._write_rows(start, rows)
-        self._publish({**self._meta, "num_rows": start + B, "last_step": int(step),
+        self._publish({**meta, "num_rows": start + B, "last_step": int(step),
                        "domains": names})
+
+    def _routing_rows(self, expert_ids, B: int, L: int, meta: dict) -> np.ndarray:
+        """[B, L, L_moe * k] rows of the routing array (created on first use; zeros for a
+        batch without routing once the store has it)."""
+        if expert_ids is not None:
+            e = np.asarray(expert_ids)
+            if e.ndim != 4 or e.shape[0] != B:
+                raise StoreError(f"append: expert_ids must be [B={B}, L, L_moe, k], got "
+                                 f"shape {e.shape}")
+            shape, dtype = list(e.shape[2:]), str(e.dtype)
+            if meta.get("routing") is None:
+                if self._meta["num_rows"]:
+                    raise StoreError(f"rollout store {self.path}: routing arrives after "
+                                     "rows without it; store routing from the first step "
+                                     "(run.store_routing) or not at all")
+                self._arrays["expert_ids"] = ts.open(
+                    _routing_spec(self.path, L, int(np.prod(shape)), dtype), create=True,
+                    delete_existing=True).result()
+                meta["routing"] = {"shape": shape, "dtype": dtype}
+            elif meta["routing"]["shape"] != shape:
+                raise StoreError(f"append: expert_ids [L_moe, k] = {shape}, the store holds "
+                                 f"{meta['routing']['shape']}")
+            flat = e.reshape(B, e.shape[1], -1)
+        else:
+            flat = np.zeros((B, 0, int(np.prod(meta["routing"]["shape"]))), np.uint8)
+        out = np.zeros((B, L, flat.shape[2]), meta["routing"]["dtype"])
+        w = min(L, flat.shape[1])
+        out[:, :w] = flat[:, :w]
+        return out
 
     def append_rollouts(self, step: int, batch, *, teacher_logp=None, reward=None) -> None:
         """Append a ``sampling.rollout.RolloutBatch`` (its tokens, lengths, logprobs, domain)."""
@@ -256,6 +313,7 @@ class RolloutStore:
         futures = []
         for name, value in rows.items():
             a = self._arrays[name] if name in self._arrays else self._array(name, 0)
+            # (``_array`` opens any array by name, the optional routing one included)
             if a.shape[0] < stop:
                 a = a.resize(exclusive_max=[stop] + [None] * (a.rank - 1),
                              expand_only=True).result()
@@ -293,17 +351,23 @@ class RolloutStore:
         """Rows [start, stop) of published rows as numpy arrays; ``domain`` holds the names.
 
         Keys (or just ``columns``): tokens, prompt_len, length, sampler_logp, teacher_logp,
-        reward, step, domain, version.
+        reward, step, domain, version, and expert_ids [N, L, L_moe, k] when the store has
+        routing.
         """
-        columns = list(COLUMNS if columns is None else columns)
-        if unknown := set(columns) - set(COLUMNS):
-            raise StoreError(f"read: unknown columns {sorted(unknown)}; known: {COLUMNS}")
         meta = self._refresh()
+        routing = meta.get("routing")
+        known = COLUMNS + (("expert_ids",) if routing else ())
+        columns = list(known if columns is None else columns)
+        if unknown := set(columns) - set(known):
+            raise StoreError(f"read: unknown columns {sorted(unknown)}; known: {known}")
         n = meta["num_rows"]
         stop = n if stop is None else stop
         start, stop = max(0, min(start, n)), max(0, min(stop, n))
         stop = max(start, stop)
         out = {c: self._read(c, start, stop) for c in columns if c != "domain"}
+        if "expert_ids" in out:
+            out["expert_ids"] = out["expert_ids"].reshape(
+                out["expert_ids"].shape[:2] + tuple(routing["shape"]))
         if "domain" not in columns:
             return out
         names = np.asarray(meta["domains"] or [""], dtype=str)

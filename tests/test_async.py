@@ -105,6 +105,7 @@ def test_staleness_zero_is_the_synchronous_loop_exactly(models_dir, tmp_path):
 
 def test_staleness_one_on_sub_meshes_trains_on_the_previous_version(models_dir, tmp_path):
     over = {"run.max_staleness": 1, "mesh.roles": "{trainer: 4, sampler: 4}",
+            "mopd.router_replay": "true", "run.store_routing": "true",
             "run.out_dir": str(tmp_path / "k1")}
     res, cfg = _run(models_dir, "k1", **over)
     # version 1's weights: the same run stopped after one step
@@ -117,6 +118,8 @@ def test_staleness_one_on_sub_meshes_trains_on_the_previous_version(models_dir, 
     rows = [r for r in read_jsonl(tmp_path / "k1" / "metrics.jsonl") if "async/staleness" in r]
     assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0]
     assert all(0.0 <= r["mopd/is_masked_frac"] <= 1.0 for r in rows)
+    R, L = store["tokens"].shape  # router replay's record, stored with the rollouts
+    assert store["expert_ids"].shape[:2] == (R, L) and store["expert_ids"].any()
 
     # step 1 trained on rollouts of version 0 (pi_0), with pi_0's own log-probs as mu
     pick = trained_at == 1

@@ -134,3 +134,21 @@ def test_bench_replay_measures_the_mismatch_replay_removes(capsys):
     assert same["flips"] == 0.0 and same["replay"] < 1e-5  # same numerics: nothing to fix
     assert bf16["flips"] > 0 and bf16["replay"] < bf16["no_replay"]  # bf16 sampler: R3 helps
     assert res["bytes_per_token"] == res["moe_layers"] * res["k"]
+
+
+def test_the_rollout_store_keeps_the_routing(tmp_path):
+    from mopd_jax.rollout_store import RolloutStore, StoreError
+    store = RolloutStore(tmp_path / "s", max_len=6)
+    tok = np.ones((2, 4), np.int32)
+    ids = np.arange(2 * 4 * 3 * 2, dtype=np.uint8).reshape(2, 4, 3, 2)
+    store.append(1, tok, [1, 1], [4, 3], np.zeros((2, 4)), expert_ids=ids)
+    store.append(2, tok, [1, 1], [4, 3], np.zeros((2, 4)))  # a batch without: zeros
+    got = RolloutStore.open(tmp_path / "s").read()["expert_ids"]
+    assert got.shape == (4, 6, 3, 2) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[:2, :4], ids)
+    assert not got[:2, 4:].any() and not got[2:].any()
+    late = RolloutStore(tmp_path / "late", max_len=6)
+    late.append(1, tok, [1, 1], [4, 3], np.zeros((2, 4)))
+    with pytest.raises(StoreError, match="routing arrives after rows without it"):
+        late.append(2, tok, [1, 1], [4, 3], np.zeros((2, 4)), expert_ids=ids)
+    assert "expert_ids" not in RolloutStore.open(tmp_path / "late").read()

@@ -110,7 +110,8 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
                 t_logp = np.pad(teacher.logp_BT, ((0, 0), (1, 0)), constant_values=np.nan)
             rows = dict(tokens=rb.tokens, prompt_len=rb.prompt_lengths, length=rb.lengths,
                         sampler_logp=rb.logprobs, teacher_logp=t_logp, reward=rewards,
-                        domains=list(rb.domain), version=np.full(len(rb), item.version))
+                        domains=list(rb.domain), version=np.full(len(rb), item.version),
+                        expert_ids=rb.expert_ids if cfg.run.store_routing else None)
         return state, metrics, host, rows
 
     state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
@@ -124,7 +125,12 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
 
 
 def check_async(cfg) -> None:
-    """Staleness needs an estimator that corrects off-policy samples token by token."""
+    """Staleness needs an estimator that corrects off-policy samples token by token; stored
+    routing needs the engine to record it."""
+    if cfg.run.store_routing and not cfg.mopd.router_replay:
+        raise TeacherError("run.store_routing=true: the engine records the routing only with "
+                           "mopd.router_replay=true; set it (MoE student) or drop "
+                           "run.store_routing")
     k, est = cfg.run.max_staleness, cfg.mopd.estimator
     if k and est != "A":
         raise TeacherError(f"run.max_staleness={k}: estimator {est} assumes on-policy samples "
