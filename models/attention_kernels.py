@@ -17,6 +17,7 @@ from models.sharding_context import current_sharding
 
 
 _LANES = 128  # splash blocks are multiples of the TPU lane width
+SPLASH_RESIDUALS = "splash_residuals"  # checkpoint name of splash's saved output and logsumexp
 
 
 def _pad_length(x, axis: int, to: int, value=0):
@@ -36,10 +37,16 @@ def _splash_kernel(H: int, T: int, window, block: int, interpret: bool):
     one = (sm.CausalMask((T, T)) if window is None
            else sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0))
     b = min(block, T)
+    # One fused backward kernel: dQ formed beside dK, dV, so QK^T and dP are computed twice
+    # per (query, key) pair in all (forward, backward), not three times (a dq kernel of its
+    # own recomputes them): 7 matmuls a pair where separate kernels take 9.
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+                          block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
+    # Its output and logsumexp carry SPLASH_RESIDUALS, so a remat policy that saves them
+    # (the decoder's save_attention) does not run the forward kernel again in the backward.
     return sk.make_splash_mha(sm.MultiHeadMask([one] * H), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=1, residual_checkpoint_name=SPLASH_RESIDUALS,
+                              interpret=interpret)
 
 
 def _splash_local(q_BHTd, k_BKTd, v_BKTe, valid_BT, sinks_H, window, block, interpret):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from models.attention_kernels import SPLASH_RESIDUALS
 from models.config import ModelConfig
 from models.layers import CACHE_AXES, MLP, Attention, RMSNorm, constrain, dtype_of, param
 from models.moe import MoE
@@ -77,7 +78,7 @@ def _stack(layers: list[DecoderLayer]) -> DecoderLayer:
 
 def _remat_policy(name: str):
     cp = jax.checkpoint_policies
-    names = ("attn_out", "moe_out", "mlp_out")
+    names = ("attn_out", "moe_out", "mlp_out", SPLASH_RESIDUALS)
     return {"full": None, "save_dots": cp.dots_with_no_batch_dims_saveable,
             "save_attention": cp.save_only_these_names(*names),
             "offload": cp.save_and_offload_only_these_names(

@@ -183,13 +183,16 @@ def _loop_step(comps: dict, while_instr, index: int) -> int | None:
     root = next((i for i in instrs if i[6]), None)
     if root is None or root[2] != "tuple" or index >= len(root[3]):
         return None
-    upd = by_name.get(root[3][index])
-    while upd is not None and upd[2] in ("copy", "bitcast", "convert") and upd[3]:
-        upd = by_name.get(upd[3][0])
+    def through_copies(instr):
+        while instr is not None and instr[2] in ("copy", "bitcast", "convert") and instr[3]:
+            instr = by_name.get(instr[3][0])
+        return instr
+
+    upd = through_copies(by_name.get(root[3][index]))
     if upd is None or upd[2] != "add" or len(upd[3]) != 2:
         return None
     for a, b in (upd[3], upd[3][::-1]):
-        counter, step = by_name.get(a), _constant(by_name.get(b), by_name)
+        counter, step = through_copies(by_name.get(a)), _constant(by_name.get(b), by_name)
         if (step is not None and counter is not None and counter[2] == "get-tuple-element"
                 and re.search(r"index=(\d+)", counter[4]).group(1) == str(index)):
             return step
