@@ -56,8 +56,11 @@ def load_teachers(routes: Mapping[str, str], fallback: str, *, student, mesh,
     names = sorted(set(routes.values()) | ({fallback} if fallback else set()))
     teachers = {}
     for name in names:
-        if name == SELF:
-            teachers[name] = Teacher(SELF, s_graphdef, s_params, s_cfg.vocab_size)
+        if name == SELF:  # pi_0 itself; onto the teachers' own devices when they have some
+            on_mesh = mesh is None or next(iter(jax.tree.leaves(s_params))).sharding.device_set \
+                == set(mesh.devices.flat)
+            params = s_params if on_mesh else shd.reshard(s_params, mesh, "teacher")
+            teachers[name] = Teacher(SELF, s_graphdef, params, s_cfg.vocab_size)
             continue
         path = name[3:] if name.startswith("hf:") else name
         if not Path(path).is_dir():

@@ -178,3 +178,14 @@ def test_sigterm_and_resume_under_async_reproduce_the_uninterrupted_run(models_d
         np.testing.assert_array_equal(a[col], b[col])
     assert json.loads((tmp_path / "cut" / "eval.json").read_text()) == json.loads(
         (tmp_path / "ref" / "eval.json").read_text())
+
+
+def test_teachers_on_their_own_sub_mesh_score_for_the_trainer(models_dir, tmp_path):
+    res, _ = _run(models_dir, "t", **{"mesh.roles": "{trainer: 4, sampler: 2, teachers: 2}",
+                                      "mopd.estimator": "C", "mopd.fallback": "self",
+                                      "optimizer.total_steps": 1,
+                                      "run.out_dir": str(tmp_path / "t")})
+    rows = read_jsonl(tmp_path / "t" / "metrics.jsonl")
+    assert np.isfinite(rows[0]["mopd/loss"])
+    devices = {d.id for x in jax.tree.leaves(res.params) for d in x.sharding.device_set}
+    assert devices == {0, 1, 2, 3}  # trained on the trainer's sub-mesh

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
 import numpy as np
 
 from mopd_jax.batches import MOPDBatch
@@ -132,6 +133,10 @@ def check_async(cfg) -> None:
                            "mopd.router_replay=true; set it (MoE student) or drop "
                            "run.store_routing")
     k, est = cfg.run.max_staleness, cfg.mopd.estimator
+    if k and jax.process_count() > 1:
+        raise TeacherError(f"run.max_staleness={k}: asynchronous MOPD is single-process for "
+                           "now (its in-flight rollouts are checkpointed by one process); use "
+                           "run.max_staleness=0 for a multi-process run")
     if k and est != "A":
         raise TeacherError(f"run.max_staleness={k}: estimator {est} assumes on-policy samples "
                            "(its expectation is under the current student), so stale rollouts "
