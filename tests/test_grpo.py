@@ -126,9 +126,10 @@ class FakeRollouts:
     response_mask: np.ndarray
     logprobs: np.ndarray
     domain: list
+    expert_ids: np.ndarray | None = None  # router replay's record: [R, L, L_moe, k]
 
 
-def fake_draw(plan):
+def fake_draw(plan, routed=False):
     """draw(n, round) over a fixed plan: per round, one (prompt id, domain, rewards) per
     prompt; asserts that exactly the missing number of prompts is asked for."""
     calls = []
@@ -140,8 +141,10 @@ def fake_draw(plan):
         rows = [(pid, d, r) for pid, d, rs in prompts for r in rs]
         tokens = np.array([[pid, 7, 7, 0, 0] for pid, _, _ in rows], np.int32)
         mask = np.array([[0, 1, 1, 0, 0]] * len(rows), bool)
+        ids = (np.broadcast_to(tokens[:, :, None, None], (*tokens.shape, 2, 2)).astype(np.uint8)
+               if routed else None)  # each row's experts name its prompt id
         rb = FakeRollouts(tokens, mask, np.where(mask, -0.5, 0.0).astype(np.float32),
-                          [d for _, d, _ in rows])
+                          [d for _, d, _ in rows], ids)
         return rb, np.array([r for _, _, r in rows], np.float32)
     return draw, calls
 
@@ -172,6 +175,18 @@ def test_dynamic_sampling_redraws_only_the_missing_groups():
     np.testing.assert_array_equal(rows["prompt_len"], 1)
     np.testing.assert_array_equal(rows["length"], 3)
     np.testing.assert_array_equal(rows["reward"], [1, 0, 0, 1, 1, 0])
+
+
+def test_router_replay_packs_each_kept_group_with_its_own_routing():
+    plan = [[(10, "add", (1, 0)), (11, "add", (1, 1)), (12, "add", (0, 0))],
+            [(20, "add", (0, 1)), (21, "add", (1, 1))]]  # 1 + 1 kept, the third is padding
+    draw, _ = fake_draw(plan, routed=True)
+    groups = select_groups(draw, 3, G, dynamic=True, rounds=1)
+    batch, real = pack_groups(groups, 3, G, L, lambda names: np.zeros(len(names), np.int32),
+                              normalize_std=False)
+    assert batch.expert_ids_BTLk.shape == (3 * G, L, 2, 2)
+    np.testing.assert_array_equal(batch.expert_ids_BTLk[:real, 0, 0, 0], [10, 10, 20, 20])
+    assert not batch.expert_ids_BTLk[real:].any()
 
 
 def test_dynamic_sampling_stops_once_full_and_off_keeps_every_group():
