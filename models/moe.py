@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
@@ -132,6 +133,12 @@ class MoE(nnx.Module):
                          ids_BTk.reshape(B * T, -1), *ws, impl=impl, num_experts=E)
             return y.reshape(B, T, D)
         return sharded_dispatch(ctx, x_BTD, weights_BTk, ids_BTk, ws, impl=impl, num_experts=E)
+
+
+def routing_dtype(num_experts: int):
+    """The narrowest integer holding an expert id (a routing record's dtype): one byte per id
+    up to 256 experts."""
+    return np.uint8 if num_experts <= 256 else np.int16 if num_experts <= 32767 else np.int32
 
 
 def resolve_impl(impl: str) -> str:

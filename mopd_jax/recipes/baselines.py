@@ -27,6 +27,7 @@ import numpy as np
 from mopd_jax.batches import SFTBatch
 from mopd_jax.config import ConfigError, replace
 from mopd_jax.recipes import common
+from mopd_jax.recipes.run_loop import train_loop
 from mopd_jax.recipes.grpo import run_grpo
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import sft_objective
@@ -230,7 +231,7 @@ def run_offpolicy_ft(cfg, *, resume: bool = False, quiet: bool = False) -> commo
                 **loop.sample_metrics()}
         return state, metrics, host, None
 
-    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+    state, loop = train_loop(run, state, step_fn, pipeline=pipeline,
                                     total_steps=cfg.optimizer.total_steps, resume=resume,
                                     prefix="offpolicy")
     return common.finish(run, state["params"], loop)

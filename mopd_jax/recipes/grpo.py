@@ -22,6 +22,7 @@ from mopd_jax import sharding as shd
 from mopd_jax.batches import GRPOBatch
 from mopd_jax.losses import group_advantages_host
 from mopd_jax.recipes import common
+from mopd_jax.recipes.run_loop import train_loop
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import grpo_objective, token_logprobs_step
 
@@ -145,7 +146,7 @@ def run_grpo(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
         rows = store_rows(run, batch, real) if store is not None and real else None
         return state, metrics, host, rows
 
-    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+    state, loop = train_loop(run, state, step_fn, pipeline=pipeline,
                                     total_steps=cfg.optimizer.total_steps, resume=resume,
                                     prefix="grpo", store=store)
     return common.finish(run, state["params"], loop)

@@ -19,6 +19,7 @@ from mopd_jax.batches import MOPDBatch
 from mopd_jax.estimators import DistillLossConfig
 from mopd_jax.losses import group_advantages_host
 from mopd_jax.recipes import common
+from mopd_jax.recipes.run_loop import train_loop
 from mopd_jax.recipes.rollout_queue import Produced, RolloutQueue, sampler_copy
 from mopd_jax.sampling import rollout
 from mopd_jax.steps import distill_objective
@@ -115,7 +116,7 @@ def run_mopd(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result
                         expert_ids=rb.expert_ids if cfg.run.store_routing else None)
         return state, metrics, host, rows
 
-    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+    state, loop = train_loop(run, state, step_fn, pipeline=pipeline,
                                     total_steps=cfg.optimizer.total_steps, resume=resume,
                                     prefix="mopd", store=store, carry=queue if k else None)
     if k and common.is_primary() and queue.staleness:

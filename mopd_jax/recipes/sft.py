@@ -11,6 +11,7 @@ import numpy as np
 from mopd_jax.batches import SFTBatch
 from mopd_jax.data.sources import DataError
 from mopd_jax.recipes import common
+from mopd_jax.recipes.run_loop import train_loop
 from mopd_jax.steps import sft_objective
 
 
@@ -47,7 +48,7 @@ def run_sft(cfg, *, resume: bool = False, quiet: bool = False) -> common.Result:
         state, metrics = step(state, batch)
         return state, metrics, {}, None
 
-    state, loop = common.train_loop(run, state, step_fn, pipeline=pipeline,
+    state, loop = train_loop(run, state, step_fn, pipeline=pipeline,
                                     total_steps=cfg.optimizer.total_steps, resume=resume,
                                     prefix="sft")
     return common.finish(run, state["params"], loop)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from models.moe import routing_dtype
 from mopd_jax.sampling.sampler import SamplingParams, sample_logits
 
 Params = Any
@@ -496,8 +497,3 @@ class Engine:
                               done=done, stopped=stopped,
                               expert_ids=None if ids is None else ids[:, 0])
         return new_state, result
-
-
-def routing_dtype(num_experts: int):
-    """The narrowest integer holding an expert id: 1 byte per id up to 256 experts."""
-    return np.uint8 if num_experts <= 256 else np.int16 if num_experts <= 32767 else np.int32
