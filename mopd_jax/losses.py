@@ -61,6 +61,21 @@ def token_weights(mask_BT, aggregation: str) -> jax.Array:
     raise ValueError(f"aggregation {aggregation!r} not in {AGGREGATIONS}")
 
 
+def loss_denominator(mask_BT, aggregation: str) -> jax.Array:
+    """What ``token_weights`` divides by (rows with a response, tokens, or rows * T): it adds
+    up over a batch's parts, so microbatch losses weighted by their share of it sum to the
+    loss of the whole batch (``steps.make_train_step``)."""
+    m_BT = mask_BT.astype(jnp.float32)
+    rows = (m_BT.sum(-1) > 0).sum().astype(jnp.float32)
+    if aggregation == "seq_mean":
+        return rows
+    if aggregation == "token_mean":
+        return m_BT.sum()
+    if aggregation == "token_sum":
+        return rows * m_BT.shape[-1]
+    raise ValueError(f"aggregation {aggregation!r} not in {AGGREGATIONS}")
+
+
 def dn_rescale_weights(log_ratio_BT, mask_BT, domain_ids_B, num_domains, clip=(0.25, 4.0)):
     """DN-MOPD w_d = clip(sigma_all / sigma_d, *clip), sigma the std over response tokens.
 

@@ -113,6 +113,13 @@ def distill_objective(loss_cfg, aux_coef: float = 0.0):
         loss, metrics = distill_loss(loss_cfg, hidden, model.lm_head_weight(), batch.teacher,
                                      db)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
+    return _weighted(objective, loss_cfg.aggregation)
+
+
+def _weighted(objective, aggregation: str):
+    """``objective`` with its loss's denominator on a batch (``losses.loss_denominator``)."""
+    from mopd_jax.losses import loss_denominator
+    objective.denominator = lambda batch: loss_denominator(batch.mask_BT[:, 1:], aggregation)
     return objective
 
 
@@ -129,7 +136,7 @@ def sft_objective(vocab_chunk: int = 8192, seq_chunk: int = 1024, aux_coef: floa
                                  num_domains=num_domains, vocab_chunk=vocab_chunk,
                                  seq_chunk=seq_chunk)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
-    return objective
+    return _weighted(objective, "token_mean")
 
 
 def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
@@ -158,7 +165,7 @@ def grpo_objective(*, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: fl
                                   ref_logp_BT=None if ref is None else ref[:, 1:],
                                   aggregation=aggregation, reward_B=batch.reward_B)
         return loss + aux_coef * aux, {**metrics, "moe_aux": aux}
-    return objective
+    return _weighted(objective, aggregation)
 
 
 _SHARED_FIELDS = ("w",)  # per-teacher, not per-row: C's stacked lm_heads [M, D, V]
@@ -195,10 +202,13 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
     """``train_step(state, batch) -> (state, metrics)``, jitted once, state donated.
 
     Gradients are accumulated in float32 (whatever the parameter dtype) over ``microbatches``
-    strided slices of the batch (their mean, so with per-sequence-mean losses it equals one big
-    batch). A step whose loss or gradients are not finite leaves params and optimizer state
-    untouched and increments ``skipped``.
+    strided slices of the batch, each weighted by its share of the loss's denominator
+    (``objective.denominator(batch)``: rows with a response, or tokens; an equal share
+    without one), so the step equals one over the whole batch whatever the padding rows or
+    lengths in each slice. A step whose loss or gradients are not finite leaves params and
+    optimizer state untouched and increments ``skipped``.
     """
+    denominator = getattr(objective, "denominator", None)
     def loss_fn(params, batch):
         with _rules(mesh, role):
             return objective(nnx.merge(graphdef, params), batch)
@@ -213,19 +223,23 @@ def make_train_step(graphdef, optimizer, objective, *, microbatches: int = 1,
             f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(  # noqa: E731
                 x.dtype, jnp.floating) else x
 
-            def body(acc, mb):
+            def body(acc, xs):
+                mb, share = xs
                 (l, m), g = grad_fn(params, _with_shared(mb, batch))
-                return jax.tree.map(lambda a, b: a + f32(b), acc, (l, m, g)), None
+                return jax.tree.map(lambda a, b: a + share * f32(b) if jnp.issubdtype(
+                    a.dtype, jnp.floating) else a + b, acc, (l, m, g)), None
             mbs = _split_microbatches(batch, microbatches)
             first = _with_shared(jax.tree.map(lambda x: x[0], mbs), batch)
             shapes = jax.eval_shape(grad_fn, params, first)
             acc_dtype = lambda d: jnp.float32 if jnp.issubdtype(d, jnp.floating) else d  # noqa
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)),
                                  (shapes[0][0], shapes[0][1], shapes[1]))
-            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
-            loss, metrics = jax.tree.map(lambda x: x / microbatches, (loss, metrics))
-            grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads,
-                                 params)
+            shares = jnp.full((microbatches,), 1.0 / microbatches, jnp.float32)
+            if denominator is not None:
+                d = jax.vmap(lambda mb: denominator(_with_shared(mb, batch)))(mbs)
+                shares = jnp.where(d.sum() > 0, d / jnp.maximum(d.sum(), 1e-30), shares)
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, shares))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)

@@ -158,3 +158,33 @@ def test_grpo_objective_is_at_the_rollout_temperature(setup):
         _, metrics = grpo_objective(clip_low=1e-4, clip_high=1e-4, temperature=temperature,
                                     vocab_chunk=64)(model, batch)
         assert (float(metrics["clip_frac"]) > 0.1) == clipped, (temperature, metrics["clip_frac"])
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "token_sum"])
+def test_microbatches_with_uneven_padding_equal_one_batch(setup, aggregation):
+    """GRPO padding rows (no response) land unevenly in strided microbatches: rows 2, 4, 6
+    leave microbatch 0 (rows 0, 2, 4, 6) with one real row and microbatch 1 with four. Each
+    microbatch weighs by its share of the loss's denominator, so the step equals one batch."""
+    from mopd_jax.steps import grpo_objective
+    graphdef, student, _ = setup
+    rng = np.random.RandomState(4)
+    tokens = jnp.asarray(rng.randint(3, CFG.vocab_size, (B, T)), jnp.int32)
+    lengths = rng.randint(2, T - 4, B)
+    mask = (np.arange(T)[None] >= 4) & (np.arange(T)[None] < 4 + lengths[:, None])
+    mask[[2, 4, 6]] = False
+    adv = np.where(mask.any(-1), rng.normal(size=B), 0.0).astype(np.float32)
+    mu = token_logprobs_step(graphdef, student, tokens)
+    batch = GRPOBatch(tokens_BT=tokens, mask_BT=jnp.asarray(mask, jnp.float32),
+                      domain_B=jnp.zeros((B,), jnp.int32),
+                      sampler_logp_BT=jnp.pad(mu, ((0, 0), (1, 0))) - 0.1, adv_B=adv)
+    out = []
+    for k in (1, 2):
+        opt = make_optimizer(OptimizerConfig(lr=1e-2, eps=1e-3, microbatches=k))
+        state = init_train_state(jax.tree.map(jnp.copy, student), opt)
+        step = make_train_step(graphdef, opt, grpo_objective(aggregation=aggregation,
+                                                             vocab_chunk=64), microbatches=k)
+        out.append(step(state, batch))
+    (one, m1), (two, m2) = out
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
