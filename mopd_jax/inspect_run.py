@@ -87,6 +87,19 @@ def _pick_samples(data: dict[str, np.ndarray], k: int) -> list[int]:
     return picked
 
 
+def _staleness(store: RolloutStore, steps: np.ndarray, start: int, stop: int) -> list[str]:
+    """Async runs: how many policy versions old the rollouts were when trained on."""
+    try:
+        version = store.read(start, stop, columns=("version",))["version"]
+    except StoreError:  # a store from before the version column
+        return []
+    lag = (steps - 1) - version  # the store's step counts the update the rows went into
+    if not (version >= 0).all() or not lag.any():
+        return []
+    hist = ", ".join(f"{int(v)}: {int(c)}" for v, c in zip(*np.unique(lag, return_counts=True)))
+    return [f"policy staleness (rollouts trained on at each age in versions): {{{hist}}}"]
+
+
 def inspect_run(run_dir: str | Path, *, samples: int = 3,
                 decode: Callable[[list[int]], str] | None = None,
                 step: int | None = None) -> str:
@@ -120,6 +133,7 @@ def inspect_run(run_dir: str | Path, *, samples: int = 3,
         out.append(f"step {step}: {stop - start} rollouts")
 
     if stop > start:
+        out += _staleness(store, rows["step"], start, stop)
         out += ["", _table(("domain", "rollouts", "reward", "resp_len", "kl/token"),
                            _domain_rows(rows, _log_ratio_sums(store, start, stop))),
                 "(kl/token: mean of sampler minus teacher log-prob on response tokens, an "

@@ -118,6 +118,9 @@ def test_staleness_one_on_sub_meshes_trains_on_the_previous_version(models_dir, 
     rows = [r for r in read_jsonl(tmp_path / "k1" / "metrics.jsonl") if "async/staleness" in r]
     assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0]
     assert all(0.0 <= r["mopd/is_masked_frac"] <= 1.0 for r in rows)
+    from mopd_jax.inspect_run import inspect_run
+    assert "policy staleness (rollouts trained on at each age in versions): {0: 8, 1: 16}" \
+        in inspect_run(tmp_path / "k1", samples=0)
     R, L = store["tokens"].shape  # router replay's record, stored with the rollouts
     assert store["expert_ids"].shape[:2] == (R, L) and store["expert_ids"].any()
 
