@@ -17,7 +17,8 @@ state, pi_0, resident teachers), against the chip's HBM; and FLOPs (``mopd_jax.f
 analytic model count (causal attention as the pairs a query sees, MoE by its active experts)
 beside the matmul FLOPs of the compiled HLO, every loop body counted once per trip (XLA's own
 ``cost_analysis()`` counts it once: a layer scan or the microbatch loop undercounts there) and
-Pallas kernels (megablox, splash) by the cost estimate they hand XLA. Times are
+Pallas kernels by the cost estimate they hand XLA (megablox) or from their operands (splash,
+which hands none: causal pairs, each kernel's matmuls). Times are
 lower bounds: FLOPs at the chip's peak, bytes at its HBM bandwidth, whichever is longer.
 Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
@@ -504,7 +505,7 @@ def format_report(rep: dict, config: str) -> str:
     lines.append("  FLOP/dev = max(model / devices, XLA): the model count, or what XLA compiled "
                  "when that is more (replicated or dense work); XLA = matmul FLOPs of the "
                  "compiled HLO, loop bodies once per trip, Pallas kernels by their cost "
-                 "estimates; model: causal attention, active experts; MFU = model FLOPs / "
+                 "estimates (splash from its operands); model: causal attention, active experts; MFU = model FLOPs / "
                  "(bound x peak)")
     e = rep["estimate"]
     if {"sample_s", "score_s", "train_s"} <= set(e):
