@@ -505,8 +505,8 @@ def format_report(rep: dict, config: str) -> str:
     lines.append("  FLOP/dev = max(model / devices, XLA): the model count, or what XLA compiled "
                  "when that is more (replicated or dense work); XLA = matmul FLOPs of the "
                  "compiled HLO, loop bodies once per trip, Pallas kernels by their cost "
-                 "estimates (splash from its operands); model: causal attention, active experts; MFU = model FLOPs / "
-                 "(bound x peak)")
+                 "estimates (splash from its operands); model: causal attention, active "
+                 "experts; MFU = model FLOPs / (bound x peak)")
     e = rep["estimate"]
     if {"sample_s", "score_s", "train_s"} <= set(e):
         lines.append(f"mopd step >= {_secs(e['total_s'])}: sampling {_secs(e['sample_s'])} "
