@@ -33,9 +33,12 @@ def _positive(res, *keys):
         assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])
 
 
-@pytest.mark.parametrize("model, objective", [("tiny", "sft"), ("tiny-moe", "mopd-A")])
-def test_step_bench_figures_and_torch_reference(model, objective, capsys):
-    res = _run(TINY_STEP + ["--model", model, "--objective", objective])
+@pytest.mark.parametrize("model, objective, optimizer", [("tiny", "sft", "adamw"),
+                                                         ("tiny-moe", "mopd-A", "adamw"),
+                                                         ("tiny", "sft", "sgd")])
+def test_step_bench_figures_and_torch_reference(model, objective, optimizer, capsys):
+    res = _run(TINY_STEP + ["--model", model, "--objective", objective,
+                            "--optimizer", optimizer])
     out = capsys.readouterr().out
     _positive(res, "peak_flops", "step_s", "tok_s", "model_flops", "xla_flops",
               "achieved_flops", "pct_peak", "torch_step_s", "torch_fwd_bwd_s", "x_torch")
@@ -242,6 +245,8 @@ def test_bench_all_arguments_per_run():
     argv = bench_all.bench_argv("step-mopd", runs["step-mopd"], quick)
     assert argv[:1] == ["step"] and "tiny" in argv and argv[-4:-2] == ["--objective", "mopd-A"]
     assert "--profile" in bench_all.bench_argv("sample-0.6b", runs["sample-0.6b"], quick)
+    argv = bench_all.bench_argv("step-sft-28", runs["step-sft-28"], quick)
+    assert "tiny" in argv and argv[-6:-2] == ["--optimizer", "sgd", "--scan-layers", "off"]
 
 
 def test_bench_all_writes_json_and_the_readme_block(tmp_path, capsys):

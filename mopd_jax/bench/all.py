@@ -29,13 +29,13 @@ RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sample-tiny", ("sample", "--models", "tiny", "--batches", "1,16")),
     ("sample-0.6b", ("sample", "--models", "qwen3-0.6b", "--batches", "1,16", "--profile")),
     ("step-sft-28", ("step", "--model", "qwen3-0.6b", "--layers", "0", "--batch", "4",
-                     "--seq", "128")),
-    ("moe", ("moe", "--tokens", "128", "--layers", "1", "--impls", "blocked")),
+                     "--seq", "128", "--optimizer", "sgd", "--scan-layers", "off")),
+    ("moe", ("moe", "--tokens", "512", "--layers", "1", "--impls", "blocked")),
 )
 TIMED = {"step", "sample", "moe"}
 # --quick: the same runs at toy sizes (seconds, for a smoke test of the pipeline); what a run
 # measures (objective, profile) is kept, its sizes are replaced.
-KEPT = {"--objective": 1, "--profile": 0}  # flag: number of values
+KEPT = {"--objective": 1, "--optimizer": 1, "--scan-layers": 1, "--profile": 0}  # flag: number of values
 QUICK = {
     "loss": ("--vocab", "4096", "--batch", "2", "--seq", "256", "--hidden", "64",
              "--vocab-chunk", "1024", "--seq-chunk", "128", "--topk", "8"),

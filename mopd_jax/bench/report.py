@@ -126,6 +126,8 @@ def _step(res: dict) -> list[str]:
         head.append("compiled / model FLOPs")
         row.append(f"{res['xla_over_model']:.2f}")
     counted = ("model FLOPs with causal attention (pairs a query sees); " if fb else "")
+    if res.get("optimizer") == "sgd":
+        counted += "clip + SGD on both sides (no optimizer state); "
     return [f"{res['dtype']}, peak matmul {res['peak_flops'] / 1e9:.1f} GFLOP/s measured in the "
             f"same run; {counted}{res['iters']} rounds; targets ≥ 40% of peak, ≥ 1× torch.",
             ""] + _table(head, [row])

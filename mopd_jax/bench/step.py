@@ -31,9 +31,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from models.config import ModelConfig, preset
+from models.decoder import scans
 import models
 from mopd_jax.bench import (best_time, equal_threads, fmt, interleaved, inverse,
                             print_environment, ratios, scaled, spread)
@@ -52,8 +54,9 @@ def add_parser(sub):
     p = sub.add_parser("step", help="train-step tokens/s, %% of peak matmul FLOP/s, x transformers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="model preset")
-    p.add_argument("--layers", type=int, default=2,
-                   help="decoder blocks (fewer = quicker on CPU; 0 keeps the preset's)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="decoder blocks (0: the preset's, 28 for qwen3-0.6b; fewer = quicker "
+                        "on CPU)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="positions per sequence (model input)")
     p.add_argument("--iters", type=int, default=3,
@@ -62,6 +65,17 @@ def add_parser(sub):
                    help="params, activations and the peak probe")
     p.add_argument("--objective", choices=["sft", "mopd-A"], default="sft",
                    help="sft: cross-entropy; mopd-A: estimator A on fake teacher log-probs")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw: the training default (two fp32 moments per param on both "
+                        "sides); sgd: plain SGD at the same lr on both sides, no optimizer "
+                        "state (the full 0.6B shape's memory, ours and torch's at once)")
+    p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
+                   help="model.scan_layers: auto = the preset's rule (a scan from 16 layers); "
+                        "off unrolls the blocks (XLA:CPU then slices no layer's weights out of "
+                        "stacked arrays and writes no stacked gradients)")
+    p.add_argument("--vocab-chunk", type=int, default=0,
+                   help="the loss's vocabulary chunk (0: the whole vocabulary where B*T fp32 "
+                        "logits fit in 1 GiB, else 8192)")
     p.add_argument("--peak-size", type=int, default=4096, help="matrix side of the peak probe")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
@@ -77,6 +91,40 @@ def measure_peak_flops(n: int, dtype: str, iters: int = 3) -> float:
     jax.block_until_ready(dot(a, b))
     t, _ = best_time(lambda: jax.block_until_ready(dot(a, b)), iters)
     return 2 * n**3 / t
+
+
+def make_bench_optimizer(name: str):
+    """The step's optimizer: ``make_optimizer`` (clip + AdamW) or clip + SGD at the same lr."""
+    ocfg = OptimizerConfig()
+    if name == "adamw":
+        return make_optimizer(ocfg)
+    return optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), optax.sgd(ocfg.lr))
+
+
+def loss_vocab_chunk(asked: int, V: int, rows: int) -> int:
+    """``--vocab-chunk``: as asked, else one chunk where [rows, V] fp32 logits fit in 1 GiB.
+
+    The chunked loss lays its vocabulary chunks out strided (chunk j holds ids j, j + C, ...,
+    for sharding); on one CPU device building that layout of the lm_head, slicing it and
+    writing dW back into it cost more than the lm_head's matmuls at this shape (about half the
+    2-layer step), and one chunk of B*T rows is memory torch spends as well.
+    """
+    if asked:
+        return asked
+    return V if rows * V * 4 <= 2**30 else 8192
+
+
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): the
+    two models side by side at the 0.6B shape need every GiB the converted copies left."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def model_flops(cfg: ModelConfig, B: int, T: int) -> float:
@@ -109,6 +157,8 @@ def _run(args, threads) -> dict:
     over = dict(dtype=args.dtype, param_dtype=args.dtype)
     if args.layers:
         over["num_layers"] = args.layers
+    if args.scan_layers != "auto":
+        over["scan_layers"] = args.scan_layers == "on"
     cfg = preset(args.model, **over)
     B, T = args.batch, args.seq
     device = jax.devices()[0]
@@ -117,10 +167,12 @@ def _run(args, threads) -> dict:
     graphdef, params = nnx.split(models.build(cfg, nnx.Rngs(0)))
     batch = make_batch(cfg, B, T, args.objective)
     torch_ref = None if args.no_hf else _torch_reference(params, cfg, batch, args)
+    release_host_memory()  # the checkpoint round trip's buffers, before our step allocates
 
-    objective = (sft_objective() if args.objective == "sft"
-                 else distill_objective(DistillLossConfig(estimator="A")))
-    opt = make_optimizer(OptimizerConfig())
+    vc = loss_vocab_chunk(args.vocab_chunk, cfg.vocab_size, B * T)
+    objective = (sft_objective(vocab_chunk=vc) if args.objective == "sft"
+                 else distill_objective(DistillLossConfig(estimator="A", vocab_chunk=vc)))
+    opt = make_bench_optimizer(args.optimizer)
     state = init_train_state(params, opt)
     del params
     step = make_train_step(graphdef, opt, objective).lower(state, batch).compile()
@@ -128,6 +180,7 @@ def _run(args, threads) -> dict:
 
     state, m = step(state, batch)  # warm-up; its loss is at the initial params
     first_loss = float(m["loss"])
+    release_host_memory()
 
     def one():
         nonlocal state
@@ -143,7 +196,9 @@ def _run(args, threads) -> dict:
     t = step_s["median"]
     flops = model_flops(cfg, B, T)
     res = {"env": env, "model": cfg.name, "layers": cfg.num_layers, "batch": B, "seq": T,
-           "dtype": args.dtype, "objective": args.objective, "device": device.device_kind,
+           "dtype": args.dtype, "objective": args.objective, "optimizer": args.optimizer,
+           "vocab_chunk": vc, "scan_layers": scans(cfg),
+           "device": device.device_kind,
            "iters": args.iters, "threads": threads,
            "active_params": active_matmul_params(cfg), "peak_flops": peak, "step_s": t,
            "step_ms": scaled(step_s, 1e3), "tok_s": B * T / t,
@@ -169,7 +224,9 @@ def _run(args, threads) -> dict:
 def _print(r, peak_size, torch_missing):
     print(f"train step, {r['model']} ({r['layers']} layers, {r['active_params'] / 1e6:.1f}M "
           f"active matmul params), B={r['batch']} T={r['seq']}, {r['dtype']}, "
-          f"{r['objective']}, {r['device']}; {r['iters']} interleaved rounds, median (min-max)"
+          f"{r['objective']}, {r['optimizer']}, loss vocab chunk {r['vocab_chunk']}, "
+          f"{'layer scan' if r['scan_layers'] else 'unrolled layers'}, "
+          f"{r['device']}; {r['iters']} interleaved rounds, median (min-max)"
           + (f", torch on {r['threads']} threads like XLA" if r["threads"] else ""))
     print(f"  peak matmul ({peak_size}^2 {r['dtype']} jnp.dot): {r['peak_flops'] / 1e9:10.1f} "
           f"GFLOP/s")
@@ -212,8 +269,9 @@ def _torch_reference(params, cfg, batch, args) -> dict | None:
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=tdtype)
     model.train()
     ocfg = OptimizerConfig()
-    opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2),
-                            eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    opt = (torch.optim.SGD(model.parameters(), lr=ocfg.lr) if args.optimizer == "sgd" else
+           torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2),
+                             eps=ocfg.eps, weight_decay=ocfg.weight_decay))
 
     tokens = torch.from_numpy(np.array(batch.tokens_BT)).long()
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -231,17 +289,21 @@ def _torch_reference(params, cfg, batch, args) -> dict | None:
         adv = (t_lp - lp.detach()).clamp(-5.0, 5.0)
         return -(c * adv * lp).sum()
 
+    # Each call ends by dropping its gradients (a training loop's zero_grad), so they are not
+    # held beside ours while our step runs (2.4 GB at the 0.6B shape in fp32).
     def fwd_bwd():
-        opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
-        return loss
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def train_step():
-        loss = fwd_bwd()
+        loss = loss_fn()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.clip_norm)
         opt.step()
-        return loss
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     first_loss = train_step().item()  # warm-up, at the initial params
     return {"train_step": train_step, "fwd_bwd": fwd_bwd, "loss": first_loss}
