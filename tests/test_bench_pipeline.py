@@ -85,9 +85,10 @@ def test_every_stage_timed_rates_positive_ratio_from_stages_json_and_recipe_step
     if bp.async_support() is None:
         assert sa["roles"] == {"trainer": 4, "sampler": 4}
         assert len(sa["async"]["step_s"]) == 3 and sa["async_over_sync"] > 0
+        assert len(sa["sync_split"]["step_s"]) == 3 and sa["async_over_sync_split"] > 0
     else:  # the recipe has no run.max_staleness yet: said, not guessed
         assert sa["async"] is None and "run.max_staleness" in sa["async_unavailable"]
-    assert "sync  (max_staleness 0)" in bp.format_sync_vs_async(sa)
+    assert "sync  (max_staleness 0, one mesh)" in bp.format_sync_vs_async(sa)
 
 
 def test_ratio_is_taken_round_by_round():

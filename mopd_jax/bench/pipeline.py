@@ -100,20 +100,25 @@ def _clock(fn: Callable[[], object]) -> tuple[float, object]:
 
 def random_teacher_pool(run, m, seed: int = 1):
     """A ``TeacherPool`` of random inits of the student's shape, one per training domain, on the
-    run's mesh in the teacher layout."""
+    run's mesh in the teacher layout (one compiled init, the seed its argument)."""
     from flax import nnx
 
     import models
     from mopd_jax import sharding as shd
     from mopd_jax.teachers import Teacher, TeacherPool
 
+    def make(s):  # nnx.Rngs(int) inside jit takes a key, not a traced int
+        return models.build(run.model_cfg, nnx.Rngs(jax.random.key(s)))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(0)))
+    init = jax.jit(lambda s: nnx.split(make(s))[1],
+                   out_shardings=shd.param_shardings(abstract, run.mesh, "teacher"))
     routes, teachers = {}, {}
     for i, d in enumerate(sorted(run.train_records)):
         name = f"random-{d}"
-        graphdef, params = shd.init_sharded(
-            lambda s=seed + i: models.build(run.model_cfg, nnx.Rngs(s)), run.mesh, "teacher")
-        routes[d], teachers[name] = name, Teacher(name, graphdef, params,
-                                                  run.model_cfg.vocab_size)
+        routes[d] = name
+        teachers[name] = Teacher(name, graphdef, init(np.int32(seed + i)),
+                                 run.model_cfg.vocab_size)
     return TeacherPool(routes, None, teachers, mesh=run.mesh, placement="resident",
                        score_rows=m.score_rows)
 
@@ -350,6 +355,15 @@ def async_support() -> str | None:
     return None
 
 
+def check_async_config(cfg) -> None:
+    """The recipe's own refusals of ``cfg`` at max_staleness 1 (estimators B and C), raised
+    before anything runs."""
+    from mopd_jax import config as cfgmod
+    from mopd_jax.recipes import mopd as recipe
+    if async_support() is None and hasattr(recipe, "check_async"):
+        recipe.check_async(cfgmod.replace(cfg, **{"run.max_staleness": 1}))
+
+
 def _roles_field() -> bool:
     from mopd_jax.sharding import MeshConfig
     return "roles" in {f.name for f in dataclasses.fields(MeshConfig)}
@@ -389,25 +403,36 @@ def save_random_teachers(b: Bench, out: Path) -> dict[str, str]:
 
 def sync_vs_async(cfg, steps: int, teacher_dirs: dict | None, roles: dict | None) -> dict:
     """Whole recipe steps at max_staleness 0 and 1 (or why async is unavailable)."""
-    res = {"steps": steps, "devices": jax.device_count(),
-           "label": (f"{jax.device_count()} {jax.devices()[0].platform} device(s) on "
-                     f"{len(_usable_cores())} core(s): fake host devices share the same cores, "
-                     "so overlap may not show here")}
-    res["sync"] = recipe_step_times(cfg, steps, {"run.max_staleness": 0}
-                                    if async_support() is None else {}, teacher_dirs)
+    n, platform = jax.device_count(), jax.devices()[0].platform
+    cores = len(_usable_cores())
+    label = (f"{n} {platform} device(s) on {cores} core(s): " + (
+        "fake host devices share the same cores, so overlap may not show here"
+        if platform == "cpu" and n > 1 else
+        "sampler and trainer share one device, so only host work can overlap" if n == 1 else
+        "separate devices"))
+    res = {"steps": steps, "devices": n, "label": label}
     why = async_support()
+    over = {"run.max_staleness": 1}
+    if why is None:
+        if roles and _roles_field():
+            over["mesh.roles"] = roles
+        res["roles"] = roles
+        check_async_config(cfg)
+    res["sync"] = recipe_step_times(cfg, steps, {"run.max_staleness": 0} if why is None else {},
+                                    teacher_dirs)
     if why is not None:
         res["async"] = None
         res["async_unavailable"] = why
         return res
-    over = {"run.max_staleness": 1}
-    if roles and _roles_field():
-        over["mesh.roles"] = roles
-    res["roles"] = roles
     res["async"] = recipe_step_times(cfg, steps, over, teacher_dirs)
-    s, a = res["sync"]["after_first"], res["async"]["after_first"]
-    if s and a:
-        res["async_over_sync"] = a["median"] / s["median"]
+    if "mesh.roles" in over:  # the same sub-meshes in sequence: what the overlap alone buys
+        res["sync_split"] = recipe_step_times(
+            cfg, steps, {"run.max_staleness": 0, "mesh.roles": over["mesh.roles"]}, teacher_dirs)
+    a = res["async"]["after_first"]
+    for key, base in (("async_over_sync", "sync"), ("async_over_sync_split", "sync_split")):
+        b = (res.get(base) or {}).get("after_first")
+        if a and b:
+            res[key] = a["median"] / b["median"]
     return res
 
 
@@ -419,18 +444,23 @@ def _usable_cores():
 def format_sync_vs_async(r: dict) -> str:
     lines = [f"whole MOPD steps of the recipe ({r['steps']} steps, time/step_s after the first): "
              f"{r['label']}"]
-    for k in ("sync", "async"):
+    roles = f", mesh.roles {r['roles']}" if r.get("roles") else ""
+    names = {"sync": "sync  (max_staleness 0, one mesh)",
+             "sync_split": f"sync  (max_staleness 0{roles}: the sub-meshes in turn)",
+             "async": f"async (max_staleness 1{roles})"}
+    for k in ("sync", "sync_split", "async"):
         v = r.get(k)
         if v is None:
             continue
-        name = "sync  (max_staleness 0)" if k == "sync" else (
-            f"async (max_staleness 1{', roles ' + str(r.get('roles')) if r.get('roles') else ''})")
-        lines.append(f"  {name}: {fmt(_ms(v['after_first'])) if v['after_first'] else '-'} ms "
-                     f"per step (all steps: {', '.join(f'{x:.2f}' for x in v['step_s'])} s)")
+        lines.append(f"  {names[k]}: {fmt(_ms(v['after_first'])) if v['after_first'] else '-'} "
+                     f"ms per step (all steps: {', '.join(f'{x:.2f}' for x in v['step_s'])} s)")
     if r.get("async_unavailable"):
         lines.append(f"  async: unavailable: {r['async_unavailable']}")
     if "async_over_sync" in r:
-        lines.append(f"  async / sync step time: {r['async_over_sync']:.2f}x")
+        lines.append(f"  async / sync step time: {r['async_over_sync']:.2f}x"
+                     + (f"; async / sync on the same sub-meshes: "
+                        f"{r['async_over_sync_split']:.2f}x (the overlap alone)"
+                        if "async_over_sync_split" in r else ""))
     return "\n".join(lines)
 
 
@@ -639,6 +669,8 @@ def run(args) -> dict:
     if not model_only:
         from mopd_jax.config import load_config
         cfg = load_config(args.config, args.set)
+        if args.sync_vs_async:
+            check_async_config(cfg)
         with tempfile.TemporaryDirectory(prefix="mopd-bench-") as tmp:
             from mopd_jax import config as cfgmod
             cfg = cfgmod.replace(cfg, **{"run.out_dir": str(Path(tmp) / "bench"),
