@@ -627,8 +627,8 @@ def add_parser(sub):
     p = sub.add_parser("pipeline", help="one MOPD step by stage (rollout, teacher scoring, "
                        "rewards, train), tokens/s, and its cost over a GRPO step",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example: mopd bench pipeline mopd_jax/assets/demo.yaml --iters 3; "
-                              "mopd bench pipeline --split-model")
+                       epilog="example:\n  mopd bench pipeline mopd_jax/assets/demo.yaml --iters 3 "
+                              "--json\n  mopd bench pipeline --split-model")
     p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
                    help="YAML config (the recipe's; e.g. mopd_jax/assets/demo.yaml); optional "
                         "with --split-model alone")
