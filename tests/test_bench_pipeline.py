@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mopd_jax.bench import pipeline as bp
+from mopd_jax.bench import split_model as sm
 from mopd_jax.cli import build_parser
 
 
@@ -113,12 +114,12 @@ def test_ratio_is_taken_round_by_round():
 
 
 # ----------------------------------------------------------------------------- timing model
-EST = bp.StepEstimate(chips=32, sample_s=60.0, score_s=4.0, train_s=12.0, param_bytes=6e9,
+EST = sm.StepEstimate(chips=32, sample_s=60.0, score_s=4.0, train_s=12.0, param_bytes=6e9,
                       source="hand-made")
 
 
 def test_split_model_arithmetic():
-    r = bp.split_model(EST, 16, 16, ici_bytes_s=600e9)
+    r = sm.split_model(EST, 16, 16, ici_bytes_s=600e9)
     assert r["sync_s"] == 76.0
     assert r["rollout_s"] == 120.0  # 60 s on 32 chips -> 16 chips
     assert r["trainer_s"] == 32.0  # (4 + 12) s x 32 / 16
@@ -126,12 +127,12 @@ def test_split_model_arithmetic():
     assert r["async_s"] == pytest.approx(120.0 + 6.25e-4)
     assert r["async_over_sync"] == pytest.approx((120.0 + 6.25e-4) / 76.0)
     assert r["idle"] == "trainer" and r["idle_frac"] == pytest.approx(1 - 32 / 120)
-    r = bp.split_model(EST, 8, 24, ici_bytes_s=600e9)
+    r = sm.split_model(EST, 8, 24, ici_bytes_s=600e9)
     assert (r["rollout_s"], r["trainer_s"]) == (pytest.approx(80.0), 64.0)
     assert r["async_s"] == pytest.approx(80.0 + 6e9 / (8 * 600e9))
     # balanced: sampler share = sampling share of the sync step; 32 x 60 / 76 = 25.26 -> 25
-    assert bp.balanced_sampler_chips(EST) == pytest.approx(32 * 60 / 76)
-    tm = bp.timing_model(EST, bp.default_splits(32), 600e9)
+    assert sm.balanced_sampler_chips(EST) == pytest.approx(32 * 60 / 76)
+    tm = sm.timing_model(EST, sm.default_splits(32), 600e9)
     assert [(s["trainer_chips"], s["sampler_chips"]) for s in tm["splits"]] == [
         (24, 8), (16, 16), (8, 24), (7, 25)]
     near = tm["splits"][-1]
@@ -140,7 +141,7 @@ def test_split_model_arithmetic():
     # linear scaling: no split beats the sync step
     assert all(s["async_s"] >= tm["sync_s"] for s in tm["splits"])
     with pytest.raises(ValueError, match="at most 32 chips"):
-        bp.split_model(EST, 24, 16)
+        sm.split_model(EST, 24, 16)
 
 
 def _compile_check_report():
@@ -155,7 +156,7 @@ def _compile_check_report():
 
 
 def test_compile_check_json_into_the_model(tmp_path, capsys):
-    est = bp.estimate_from_compile_check(_compile_check_report())
+    est = sm.estimate_from_compile_check(_compile_check_report())
     # scoring: the per-call bound x ceil(2048 / 32) = 64 calls, not compile-check's 3
     assert (est.chips, est.sample_s, est.score_s, est.train_s) == (32, 5000.0, 128.0, 400.0)
     assert est.param_bytes == 2e9 and est.sync_s == 5528.0
@@ -172,11 +173,11 @@ def test_compile_check_json_into_the_model(tmp_path, capsys):
     bad = _compile_check_report()
     del bad["estimate"]["train_s"]
     with pytest.raises(ValueError, match="--steps train,score,decode"):
-        bp.estimate_from_compile_check(bad)
+        sm.estimate_from_compile_check(bad)
 
 
 def test_readme_defaults_are_the_readme_figures(capsys):
-    est = bp.readme_30b_estimate()
+    est = sm.readme_30b_estimate()
     assert (est.chips, est.sample_s, est.train_s) == (32, 92.4 * 60, 437.0)
     # compile-check's 99.8 min counted 3 teacher calls; the batch needs 64 of them
     assert est.score_s == pytest.approx(((99.8 - 92.4) * 60 - 437.0) / 3 * 64)
