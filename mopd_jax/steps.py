@@ -80,7 +80,10 @@ def init_train_state(params, optimizer, mesh=None) -> dict:
              "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return state
-    return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
+    # Everything as a NamedSharding on ``mesh``: a one-device mesh's counters would otherwise
+    # keep a SingleDeviceSharding that the step's outputs do not have (a second compile).
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                        and len(x.sharding.device_set) == mesh.size
                         else jax.device_put(x, replicated), state)
 
 

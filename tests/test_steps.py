@@ -188,3 +188,19 @@ def test_microbatches_with_uneven_padding_equal_one_batch(setup, aggregation):
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_train_step_compiles_once_on_a_one_device_mesh(setup):
+    """The state's counters start as NamedShardings on the mesh, as the step returns them: a
+    SingleDeviceSharding there compiled the step a second time on its second call."""
+    graphdef, student, _ = setup
+    mesh = make_mesh(None, devices=jax.devices()[:1])
+    params = jax.device_put(student, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))
+    state = init_train_state(params, opt, mesh)
+    step = make_train_step(graphdef, opt, sft_objective(vocab_chunk=64), mesh=mesh)
+    batch = SFTBatch(tokens_BT=np.ones((4, 8), np.int32), mask_BT=np.ones((4, 8), np.int32))
+    for _ in range(3):
+        state, _ = step(state, batch)
+    (fn, _), = step._jitted.values()
+    assert fn._cache_size() == 1
