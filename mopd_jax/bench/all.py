@@ -34,8 +34,9 @@ RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 TIMED = {"step", "sample", "moe"}
 # --quick: the same runs at toy sizes (seconds, for a smoke test of the pipeline); what a run
-# measures (objective, profile) is kept, its sizes are replaced.
-KEPT = {"--objective": 1, "--optimizer": 1, "--scan-layers": 1, "--profile": 0}  # flag: number of values
+# measures (objective, optimizer, layer scan, profile) is kept, its sizes are replaced.
+KEPT = {"--objective": 1, "--optimizer": 1, "--scan-layers": 1,  # flag: number of values
+        "--profile": 0}
 QUICK = {
     "loss": ("--vocab", "4096", "--batch", "2", "--seq", "256", "--hidden", "64",
              "--vocab-chunk", "1024", "--seq-chunk", "128", "--topk", "8"),

@@ -2,8 +2,9 @@
 peak matmul FLOP/s and against ``transformers``, all measured in one run on identical weights.
 
 One ``make_train_step`` step (forward, chunked loss, backward, global-norm clip, AdamW or
-with ``--optimizer sgd`` SGD) on B random sequences of T positions, after a warm-up of each side, then ``--iters`` interleaved
-rounds (ours, torch, ours, ...); figures are median (min-max), the ratio taken round by round:
+with ``--optimizer sgd`` SGD) on B random sequences of T positions, after a warm-up of each
+side, then ``--iters`` interleaved rounds (ours, torch, ours, ...); figures are median
+(min-max), the ratio taken round by round:
 
 * peak: a jitted ``jnp.dot`` of two ``--peak-size``^2 matrices of ``--dtype`` on the device,
   the best of a probe before and one after the rounds;
