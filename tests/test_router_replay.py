@@ -120,20 +120,22 @@ def test_a_dense_model_has_no_routing_to_record():
         Engine(graphdef, params, max_prefill_length=16, record_routing=True)
 
 
-def test_bench_replay_measures_the_mismatch_replay_removes(capsys):
-    import argparse
-    from mopd_jax.bench.replay import add_parser
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_parser(sub)  # what `mopd bench replay --prompts 8 --new-tokens 8 --iters 1` runs
-    args = sub.choices["replay"].parse_args(["--prompts", "8", "--new-tokens", "8",
-                                             "--iters", "1"])
-    res = args.run(args)
-    out = capsys.readouterr().out
-    assert "|logpi-mu| replay" in out and "bytes per token" in out
-    same, bf16 = res["settings"]["same"], res["settings"]["bf16"]
-    assert same["flips"] == 0.0 and same["replay"] < 1e-5  # same numerics: nothing to fix
-    assert bf16["flips"] > 0 and bf16["replay"] < bf16["no_replay"]  # bf16 sampler: R3 helps
-    assert res["bytes_per_token"] == res["moe_layers"] * res["k"]
+def test_a_bf16_sampler_flips_routings_and_replay_removes_that_mismatch(sampled):
+    """What ``mopd bench replay`` measures, on the fixture's rollouts: same numerics leave
+    nothing to fix; a bf16 sampler flips some routings, and replay shrinks |log pi - mu|."""
+    from mopd_jax.bench.replay import mismatch
+    graphdef, params, rb = sampled
+    same = mismatch(graphdef, params, rb)
+    assert same["flips"] == 0.0 and same["replay"] < 1e-5
+    g16, p16 = nnx.split(models.build(CFG.replace(dtype="bfloat16"), nnx.Rngs(0)))
+    p16 = jax.tree.map(lambda a, b: a.astype(b.dtype), params, p16)
+    engine = Engine(g16, p16, max_concurrent_decodes=8, max_prefill_length=16,
+                    max_target_length=32, record_routing=True)
+    prompts = [rb.tokens[r, :rb.prompt_lengths[r]].tolist() for r in range(0, len(rb), 2)]
+    rb16 = rollout(engine, p16, prompts, n=2, seed=1,
+                   sampling=SamplingParams(temperature=1.0, max_new_tokens=12))
+    bf16 = mismatch(graphdef, params, rb16)
+    assert bf16["flips"] > 0 and bf16["replay"] < bf16["no_replay"]
 
 
 def test_the_rollout_store_keeps_the_routing(tmp_path):
