@@ -1,4 +1,5 @@
-"""Shared test builders: tiny random Hugging Face checkpoints written offline."""
+"""Shared test builders: tiny random Hugging Face checkpoints written offline, and a tiny
+model's train gradient compiled for a libtpu v5p topology."""
 
 from __future__ import annotations
 
@@ -93,3 +94,28 @@ def hf_token_logprobs(model, tokens: np.ndarray) -> np.ndarray:
         logits = model(torch.tensor(tokens)).logits.double()
     logp = torch.log_softmax(logits, -1)[:, :-1]
     return logp.gather(-1, torch.tensor(tokens)[:, 1:, None])[..., 0].numpy()
+
+
+def v5p_train_grad_hlo(cfg, B: int = 8, T: int = 256):
+    """(mesh, HLO text) of the gradient of a tiny model's loss compiled for v5p-8 with libtpu
+    (no TPU needed), under the train role's rules; bf16 dots at the default precision (the
+    conftest's fp32 'highest' does not lower in Mosaic)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mopd_jax import compile_check as cc
+    from mopd_jax import sharding as shd
+
+    mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1),
+                         devices=cc.target_devices(cc.parse_topology("v5p-8")))
+    graphdef, state = cc.abstract_params(cfg, mesh, "train")
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
+
+    def loss(state, tok):
+        with shd.use_rules(mesh, "train"):
+            h, _, _ = nnx.merge(graphdef, state)(tok)
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    with jax.default_matmul_precision("default"):
+        return mesh, jax.jit(jax.grad(loss)).lower(state, tok).compile().as_text()

@@ -221,26 +221,12 @@ def test_splash_under_save_attention_remat_runs_each_kernel_once_a_layer():
     """A tiny scanned model's train gradient compiled for v5p with ``save_attention`` remat:
     splash's output and logsumexp are saved, so the backward has no second forward kernel, and
     its one fused backward kernel forms dQ, dK and dV: 2 + 5 [pairs, Hd] matmuls a layer."""
-    from flax import nnx
+    from helpers import v5p_train_grad_hlo
 
-    from mopd_jax import compile_check as cc
-    from mopd_jax import sharding as shd
-
-    mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1),
-                         devices=cc.target_devices(cc.parse_topology("v5p-8")))
     cfg = preset("tiny", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
                  remat="save_attention")
-    graphdef, state = cc.abstract_params(cfg, mesh, "train")
     B, T = 8, 256
-    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
-
-    def loss(state, tok):
-        with shd.use_rules(mesh, "train"):
-            h, _, _ = nnx.merge(graphdef, state)(tok)
-        return jnp.mean(h.astype(jnp.float32) ** 2)
-
-    with jax.default_matmul_precision("default"):  # conftest's fp32 dots do not lower in Mosaic
-        hlo = jax.jit(jax.grad(loss)).lower(state, tok).compile().as_text()
+    mesh, hlo = v5p_train_grad_hlo(cfg, B, T)
     kernels = re.findall(r"splash_mha_(fwd|dq|dkv)\w*(?:\.\d+)? = ", hlo)
     assert sorted(kernels) == ["dkv", "fwd"]  # one scanned body each
     unit = 2 * (B // mesh.size) * cfg.num_heads * flops.visible_pairs(T) * cfg.head_dim

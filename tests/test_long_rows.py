@@ -237,22 +237,9 @@ def test_splash_is_the_attention_compiled_for_a_v5p_topology():
     HLO."""
     import re
 
-    from mopd_jax import compile_check as cc
-    from mopd_jax import sharding as shd
+    from helpers import v5p_train_grad_hlo
 
-    mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1),
-                         devices=cc.target_devices(cc.parse_topology("v5p-8")))
-    cfg = preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
-    graphdef, state = cc.abstract_params(cfg, mesh, "train")
-    tok = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
-
-    def loss(state, tok):
-        with shd.use_rules(mesh, "train"):
-            h, _, _ = nnx.merge(graphdef, state)(tok)
-        return jnp.mean(h.astype(jnp.float32) ** 2)
-
-    with jax.default_matmul_precision("default"):  # conftest's fp32 dots do not lower in Mosaic
-        hlo = jax.jit(jax.grad(loss)).lower(state, tok).compile().as_text()
+    _, hlo = v5p_train_grad_hlo(preset("tiny", dtype="bfloat16", param_dtype="bfloat16"))
     assert "tpu_custom_call" in re.findall(r'custom_call_target="([^"]+)"', hlo)
     for kernel in ("splash_mha_fwd", "splash_mha_dkv"):
         assert kernel in hlo, kernel
