@@ -17,8 +17,8 @@ Every rollout keeps its version (staleness = step - version <= k) and its own sa
 log-probs mu, which estimator A's IcePop mask and IS ratio use, so the staleness is corrected
 token by token. The checkpoint of step s holds the in-flight rollouts r_s .. r_{s+k-1}
 (``host_state``: tokens, masks, mu, rewards, routing, versions), so a resumed run trains on
-exactly the rollouts the uninterrupted one would have; teacher scores are recomputed from
-them on resume (teachers are frozen: the same numbers).
+exactly the rollouts the uninterrupted one would have; teachers score a step's rollouts when
+the step takes them (teachers are frozen, so a resumed run gets the same numbers).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ class Produced:
     version: int         # the policy version that sampled them
     rb: RolloutBatch
     rewards: np.ndarray  # [R]
-    scores: object = None  # teacher scores (computed once; recomputed after a resume)
     sample_s: float = 0.0  # wall time of the rollout (overlapped with training when k > 0)
 
 
